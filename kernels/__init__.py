@@ -1,0 +1,18 @@
+"""Triton kernels with their autograd functions and plain PyTorch references (no transformers here)."""
+
+from ._backend import choose as choose_backend
+from ._backend import force_backend
+from .rms_norm import rms_norm, rms_norm_ref
+from .rope import apply_rope, rope_ref
+from .swiglu import swiglu, swiglu_ref
+
+__all__ = [
+    "apply_rope",
+    "choose_backend",
+    "force_backend",
+    "rms_norm",
+    "rms_norm_ref",
+    "rope_ref",
+    "swiglu",
+    "swiglu_ref",
+]

@@ -1,0 +1,81 @@
+"""Which implementation runs an op: the Triton kernel or the plain PyTorch reference.
+
+Triton runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` (how CI exercises the
+real kernels). Everything else takes the reference. ``ACCEL_PATCH_BACKEND=reference`` (or
+:func:`force_backend`) forces the reference everywhere, for debugging and parity checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_BACKENDS = ("auto", "triton", "reference")
+_forced: str | None = None
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _requested() -> str:
+    backend = _forced or os.environ.get("ACCEL_PATCH_BACKEND", "auto")
+    if backend not in _BACKENDS:
+        raise ValueError(f"ACCEL_PATCH_BACKEND={backend!r} is not one of {_BACKENDS}")
+    return backend
+
+
+def choose(device: torch.device) -> tuple[str, str]:
+    """Return ``(backend, reason)`` for tensors on ``device``."""
+    requested = _requested()
+    if requested == "reference":
+        return "reference", "forced by ACCEL_PATCH_BACKEND/force_backend"
+    if not TRITON_INSTALLED:
+        reason = "triton is not installed"
+    elif device.type == "cuda":
+        return "triton", "CUDA tensor and triton installed"
+    elif device.type == "cpu" and interpreting():
+        return "triton", "TRITON_INTERPRET=1 runs the Triton kernels on the CPU"
+    else:
+        reason = f"{device.type} tensors have no Triton backend (set TRITON_INTERPRET=1 to interpret on CPU)"
+    if requested == "triton":
+        raise RuntimeError(f"the Triton backend was forced but cannot run: {reason}")
+    return "reference", reason
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return choose(x.device)[0] == "triton"
+
+
+@contextlib.contextmanager
+def force_backend(backend: str) -> Iterator[None]:
+    """Run every op inside the block with ``backend`` ("auto", "triton" or "reference")."""
+    global _forced
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {_BACKENDS}")
+    previous, _forced = _forced, backend
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"tensors must share one device, got {listing}; move them with .to(device)")

@@ -1,0 +1,277 @@
+"""RMSNorm, optionally fused with the residual add that precedes it in a decoder layer.
+
+Numerics follow HF's LlamaRMSNorm exactly: statistics in float32, the normalised row rounded to the
+input dtype before it meets the weight, output in ``promote(x.dtype, weight.dtype)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import check_float, check_same_device, use_triton
+
+MAX_WIDTH = 65536  # one row is held in registers by one program
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X,
+    RES,
+    W,
+    Y,
+    H,
+    RSTD,
+    stride_x,
+    stride_res,
+    stride_y,
+    stride_h,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(RES + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+        # HF adds in the activation dtype, so the normalised value is that rounded sum.
+        x_rounded = x.to(H.dtype.element_ty)
+        tl.store(H + row * stride_h + cols, x_rounded, mask=mask)
+        x = x_rounded.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    tl.store(RSTD + row, rstd)
+    x_hat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY,
+    DH,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    stride_dy,
+    stride_dh,
+    stride_x,
+    stride_dx,
+    M,
+    N,
+    rows_per_program,
+    HAS_DH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Each program owns a contiguous band of rows and keeps its share of dW in registers, so the
+    # weight gradient needs one small [programs, N] reduction instead of M atomic adds.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, rows_per_program):
+        row = pid.to(tl.int64) * rows_per_program + i
+        row_mask = mask & (row < M)
+        dy = tl.load(DY + row * stride_dy + cols, mask=row_mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * stride_x + cols, mask=row_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row, mask=row < M, other=0.0)
+        x_hat = x * rstd
+        dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+        g = dy * w
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / N))
+        if HAS_DH:
+            dx += tl.load(DH + row * stride_dh + cols, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=row_mask)
+    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    block = triton.next_power_of_2(n)
+    return block, min(max(block // 256, 1), 16)
+
+
+@functools.cache
+def _bwd_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+    return 4  # the CPU interpreter runs programs one by one; a few are enough to exercise the split
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View as [rows, width] with a unit stride along the width (copies only when it must)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _fwd_triton(x, weight, residual, eps, out_dtype):
+    n = x.shape[-1]
+    x2 = _rows(x)
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        res2 = _rows(residual)
+        h = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        res2, h = x2, y  # unused by the kernel; any tensor keeps the signature uniform
+    block, warps = _launch_config(n)
+    if m > 0:
+        _rms_norm_fwd_kernel[(m,)](
+            x2,
+            res2,
+            weight,
+            y,
+            h,
+            rstd,
+            x2.stride(0),
+            res2.stride(0),
+            y.stride(0),
+            h.stride(0),
+            n,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_N=block,
+            num_warps=warps,
+        )
+    h_out = h.view(x.shape) if residual is not None else x.new_empty(0)
+    return y.view(x.shape), h_out, rstd
+
+
+def _bwd_triton(dy, dh, x, weight, rstd):
+    n = x.shape[-1]
+    dy2, x2 = _rows(dy), _rows(x)
+    m = x2.shape[0]
+    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    rows_per_program = triton.cdiv(m, max(min(_bwd_programs(x.device), m), 1))
+    programs = max(triton.cdiv(m, rows_per_program), 1)
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    dh2 = _rows(dh) if dh is not None else dy2
+    block, warps = _launch_config(n)
+    if m > 0:
+        _rms_norm_bwd_kernel[(programs,)](
+            dy2,
+            dh2,
+            x2,
+            weight,
+            rstd,
+            dx,
+            dw_partial,
+            dy2.stride(0),
+            dh2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            m,
+            n,
+            rows_per_program,
+            HAS_DH=dh is not None,
+            BLOCK_N=block,
+            num_warps=warps,
+        )
+    else:
+        dw_partial.zero_()
+    return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch reference: returns ``(y, x + residual or empty, rstd)`` like the kernel."""
+    h = x + residual if residual is not None else x
+    hf = h.float()
+    rstd = torch.rsqrt(hf.pow(2).mean(-1) + eps)
+    y = (weight * (hf * rstd.unsqueeze(-1)).to(x.dtype)).contiguous()
+    h_out = h.contiguous() if residual is not None else x.new_empty(0)
+    return y, h_out, rstd.reshape(-1)
+
+
+def rms_norm_bwd_ref(
+    dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of the backward; ``x`` is the normalised input (the sum when fused)."""
+    n = x.shape[-1]
+    xf, dyf = x.float().reshape(-1, n), dy.float().reshape(-1, n)
+    x_hat = xf * rstd.unsqueeze(-1)
+    dw = (dyf * x_hat.to(x.dtype).float()).sum(0).to(weight.dtype)
+    g = dyf * weight.float()
+    dx = rstd.unsqueeze(-1) * (g - x_hat * (g * x_hat).sum(-1, keepdim=True) / n)
+    if dh is not None:
+        dx = dx + dh.float().reshape(-1, n)
+    return dx.to(x.dtype).reshape(x.shape).contiguous(), dw
+
+
+@torch.library.custom_op("accel_patch::rms_norm", mutates_args=())
+def _rms_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return _fwd_triton(x, weight, residual, eps, torch.promote_types(x.dtype, weight.dtype))
+    return rms_norm_ref(x, weight, residual, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, residual, eps):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return y, h, x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("accel_patch::rms_norm_backward", mutates_args=())
+def _rms_norm_bwd_op(
+    dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return _bwd_triton(dy, dh, x, weight, rstd)
+    return rms_norm_bwd_ref(dy, dh, x, weight, rstd)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, dh, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, _ = inputs
+    _, h, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+
+
+def _backward(ctx, dy, dh, _drstd):
+    normed_input, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd_op(dy, dh if ctx.has_residual else None, normed_input, weight, rstd)
+    return dx, dw, dx if ctx.has_residual else None, None
+
+
+_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``weight * x / rms(x)``; with ``residual``, returns ``(rms_norm(x + residual), x + residual)``."""
+    check_float("x", x)
+    check_float("weight", weight)
+    if x.dim() == 0 or weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
+        )
+    if x.shape[-1] > MAX_WIDTH:
+        raise ValueError(f"rms_norm supports rows of at most {MAX_WIDTH} elements, got {x.shape[-1]}")
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
+            )
+        check_same_device(x=x, weight=weight, residual=residual)
+    else:
+        check_same_device(x=x, weight=weight)
+    y, h, _ = _rms_norm_op(x, weight, residual, float(eps))
+    return (y, h) if residual is not None else y

@@ -1,0 +1,269 @@
+"""Rotary position embedding in HF's half-split ("rotate_half") convention, q and k in one launch.
+
+q ``[batch, q_heads, seq, head_dim]`` and k ``[batch, kv_heads, seq, head_dim]`` in any strides (HF's
+transposed projections are read in place; outputs are contiguous); ``cos``/``sin`` exactly as
+HF's rotary module returns them, ``[batch or 1, seq, head_dim]`` (or ``[seq, head_dim]``), which
+covers every rope scaling type and arbitrary position_ids.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import check_float, check_same_device, use_triton
+
+
+@triton.jit
+def _rotate_heads(
+    IN,
+    OUT,
+    s_in_b,
+    s_in_h,
+    s_in_s,
+    s_out_b,
+    s_out_h,
+    s_out_s,
+    b,
+    s,
+    n_heads,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < n_heads) & (dims < HALF)
+    src = IN + b * s_in_b + s * s_in_s + heads * s_in_h + dims
+    dst = OUT + b * s_out_b + s * s_out_s + heads * s_out_h + dims
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos1 - x2 * sin1).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos2 + x1 * sin2).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    Q,
+    K,
+    QO,
+    KO,
+    COS,
+    SIN,
+    sq_b,
+    sq_h,
+    sq_s,
+    sk_b,
+    sk_h,
+    sk_s,
+    sqo_b,
+    sqo_h,
+    sqo_s,
+    sko_b,
+    sko_h,
+    sko_s,
+    sc_b,
+    sc_s,
+    seq_len,
+    n_q_heads,
+    n_k_heads,
+    HALF: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    b = (token // seq_len).to(tl.int64)
+    s = (token % seq_len).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    dmask = dims < HALF
+    trig = b * sc_b + s * sc_s + dims
+    cos1 = tl.load(COS + trig, mask=dmask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + trig + HALF, mask=dmask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + trig, mask=dmask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + trig + HALF, mask=dmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # The transpose of the rotation is the same rotation with the sin halves swapped and negated.
+        sin1, sin2 = -sin2, -sin1
+    _rotate_heads(
+        Q,
+        QO,
+        sq_b,
+        sq_h,
+        sq_s,
+        sqo_b,
+        sqo_h,
+        sqo_s,
+        b,
+        s,
+        n_q_heads,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        HALF,
+        BLOCK_Q,
+        BLOCK_HALF,
+    )
+    _rotate_heads(
+        K,
+        KO,
+        sk_b,
+        sk_h,
+        sk_s,
+        sko_b,
+        sko_h,
+        sko_s,
+        b,
+        s,
+        n_k_heads,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        HALF,
+        BLOCK_K,
+        BLOCK_HALF,
+    )
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _trig_strides(cos: torch.Tensor) -> tuple[int, int]:
+    """(batch, seq) strides of cos/sin, the batch stride 0 when one row of positions serves all."""
+    if cos.dim() == 2:
+        return 0, cos.stride(0)
+    return (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
+
+
+def _rope_triton(q, k, cos, sin, backward):
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_out, k_out = (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+    )
+    batch, n_q, seq, head_dim = q.shape
+    n_k = k.shape[1]
+    half = head_dim // 2
+    sc_b, sc_s = _trig_strides(cos)
+    block_half = triton.next_power_of_2(half)
+    block_q, block_k = triton.next_power_of_2(n_q), triton.next_power_of_2(n_k)
+    if batch * seq > 0:
+        _rope_kernel[(batch * seq,)](
+            q,
+            k,
+            q_out,
+            k_out,
+            cos,
+            sin,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            q_out.stride(0),
+            q_out.stride(1),
+            q_out.stride(2),
+            k_out.stride(0),
+            k_out.stride(1),
+            k_out.stride(2),
+            sc_b,
+            sc_s,
+            seq,
+            n_q,
+            n_k,
+            HALF=half,
+            BLOCK_Q=block_q,
+            BLOCK_K=block_k,
+            BLOCK_HALF=block_half,
+            BACKWARD=backward,
+            num_warps=4 if block_q * block_half <= 2048 else 8,
+        )
+    return q_out, k_out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference in float32; ``backward=True`` applies the transposed rotation."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
+    if backward:
+        half = sin.shape[-1] // 2
+        sin = -torch.cat((sin[..., half:], sin[..., :half]), dim=-1)
+    rotated = [(x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype).contiguous() for x in (q, k)]
+    return rotated[0], rotated[1]
+
+
+@torch.library.custom_op("accel_patch::apply_rope", mutates_args=())
+def _rope_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return _rope_triton(q, k, cos, sin, backward)
+    return rope_ref(q, k, cos, sin, backward)
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, backward):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, cos, sin, backward = inputs
+    ctx.backward = backward
+    ctx.save_for_backward(cos, sin)
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq_in, dk_in = _rope_op(dq, dk, cos, sin, not ctx.backward)
+    return dq_in, dk_in, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k like HF's ``apply_rotary_pos_emb(q, k, cos, sin)``; gradients flow to q and k."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_float(name, t)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(
+            f"q and k must be [batch, heads, seq, head_dim], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    batch, _, seq, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2] != seq or k.shape[3] != head_dim:
+        raise ValueError(f"k {tuple(k.shape)} must share batch, seq and head_dim with q {tuple(q.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for half-split rotary embedding, got {head_dim}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
+    trig_ok = cos.dim() in (2, 3) and cos.shape[-2:] == (seq, head_dim)
+    if trig_ok and cos.dim() == 3:
+        trig_ok = cos.shape[0] in (1, batch)
+    if not trig_ok:
+        raise ValueError(
+            f"cos/sin must be [{batch} or 1, {seq}, {head_dim}] (as HF's rotary embedding returns them), "
+            f"got {tuple(cos.shape)}"
+        )
+    check_same_device(q=q, k=k, cos=cos, sin=sin)
+    return _rope_op(q, k, cos, sin, False)

@@ -1,0 +1,152 @@
+"""SwiGLU gate: ``silu(gate) * up``, forward and backward each in one pass over memory.
+
+``gate`` and ``up`` may be row-strided views (halves of a fused gate_up projection) as long as their
+last dim is contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import check_float, check_same_device, use_triton
+
+BLOCK = 1024
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, stride_y, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, N, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    tl.store(DU + row * stride_du + cols, (dy * silu).to(DU.dtype.element_ty), mask=mask)
+    dg = dy * u * (sig + silu * (1.0 - sig))
+    tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _grid(m: int, n: int) -> tuple[int, int]:
+    return (m, triton.cdiv(n, BLOCK))
+
+
+def _swiglu_fwd_triton(gate, up):
+    g2, u2 = _rows(gate), _rows(up)
+    m, n = g2.shape
+    y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    if y.numel():
+        _swiglu_fwd_kernel[_grid(m, n)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=BLOCK)
+    return y.view(gate.shape)
+
+
+def _swiglu_bwd_triton(dy, gate, up):
+    dy2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
+    m, n = g2.shape
+    dg = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    du = torch.empty((m, n), dtype=up.dtype, device=up.device)
+    if dg.numel():
+        _swiglu_bwd_kernel[_grid(m, n)](
+            dy2,
+            g2,
+            u2,
+            dg,
+            du,
+            dy2.stride(0),
+            g2.stride(0),
+            u2.stride(0),
+            dg.stride(0),
+            du.stride(0),
+            n,
+            BLOCK=BLOCK,
+        )
+    return dg.view(gate.shape), du.view(up.shape)
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    g = gate.float()
+    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype).contiguous()
+
+
+def swiglu_bwd_ref(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    g, u, d = gate.float(), up.float(), dy.float()
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    return (d * u * (sig + silu * (1 - sig))).to(gate.dtype).contiguous(), (d * silu).to(
+        up.dtype
+    ).contiguous()
+
+
+@torch.library.custom_op("accel_patch::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate):
+        return _swiglu_fwd_triton(gate, up)
+    return swiglu_ref(gate, up)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("accel_patch::swiglu_backward", mutates_args=())
+def _swiglu_bwd_op(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(gate):
+        return _swiglu_bwd_triton(dy, gate, up)
+    return swiglu_bwd_ref(dy, gate, up)
+
+
+@_swiglu_bwd_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return _swiglu_bwd_op(dy, gate, up)
+
+
+_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` computed in float32, returned in ``gate``'s dtype."""
+    check_float("gate", gate)
+    check_float("up", up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"gate ({gate.dtype}) and up ({up.dtype}) must have the same dtype")
+    if gate.dim() == 0:
+        raise ValueError("swiglu needs at least one dimension")
+    check_same_device(gate=gate, up=up)
+    return _swiglu_op(gate, up)

@@ -1,0 +1,1 @@
+"""Per-family declarations mapping HF decoder modules to kernel-backed ones."""

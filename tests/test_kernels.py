@@ -1,0 +1,267 @@
+"""Each kernel (Triton and reference backends) against an independent float64 formula, fwd and bwd."""
+
+import pytest
+import torch
+from accel_patch.kernels import apply_rope, choose_backend, force_backend, rms_norm, swiglu
+from helpers import CPU_DTYPES, TOL, backends_for, rel_err
+
+CASES = [("cpu", dtype, backend) for dtype in CPU_DTYPES for backend in backends_for("cpu")] + [
+    pytest.param("cuda", dtype, backend, marks=pytest.mark.gpu)
+    for dtype in (torch.bfloat16, torch.float16)
+    for backend in ("triton", "reference")
+]
+CASE_IDS = "device,dtype,backend"
+
+
+def _grads_match(inputs64, out64, inputs, out, tol):
+    """Backprop one random upstream gradient through both and compare each named input's gradient."""
+    dy = torch.randn_like(out64)
+    (out64 * dy).sum().backward()
+    (out.double() * dy).sum().backward()
+    for name, leaf in inputs.items():
+        err = rel_err(leaf.grad, inputs64[name].grad)
+        assert err < tol, f"grad of {name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+def _leaf(t, dtype=None):
+    return t.to(dtype or t.dtype).detach().requires_grad_()
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+RMS_SHAPES = {
+    "cpu": [(1, 33), (7, 128), (3, 5, 96)],
+    "cuda": [(16384, 4096), (1000, 5120), (37, 2880), (4096, 128)],
+}
+
+
+def rms_norm64(x, w, eps, residual=None):
+    h = x + residual if residual is not None else x
+    return w * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps), h
+
+
+@pytest.mark.parametrize(CASE_IDS, CASES)
+@pytest.mark.parametrize("fused_residual", [False, True])
+def test_rms_norm(device, dtype, backend, fused_residual):
+    for shape in RMS_SHAPES[device]:
+        x = torch.randn(shape, device=device)
+        w = torch.rand(shape[-1], device=device) + 0.5
+        res = torch.randn(shape, device=device) if fused_residual else None
+        x64, w64 = _leaf(x, torch.float64), _leaf(w, torch.float64)
+        r64 = _leaf(res, torch.float64) if fused_residual else None
+        y64, h64 = rms_norm64(x64, w64, 1e-6, r64)
+        xl, wl = _leaf(x, dtype), _leaf(w, dtype)
+        rl = _leaf(res, dtype) if fused_residual else None
+        with force_backend(backend):
+            out = rms_norm(xl, wl, 1e-6, residual=rl)
+            y, h = out if fused_residual else (out, None)
+            assert y.dtype == dtype and y.shape == x.shape
+            assert rel_err(y, y64) < TOL[dtype]
+            dy = torch.randn_like(y64)
+            loss64 = (y64 * dy).sum()
+            loss = (y.double() * dy).sum()
+            if fused_residual:
+                dh = torch.randn_like(h64)
+                assert rel_err(h, h64) < TOL[dtype]
+                loss64 = loss64 + (h64 * dh).sum()
+                loss = loss + (h.double() * dh).sum()
+            loss64.backward()
+            loss.backward()
+        pairs = [("x", xl, x64), ("weight", wl, w64)] + ([("residual", rl, r64)] if fused_residual else [])
+        for name, ours, ref in pairs:
+            # dW sums over every row; half-precision inputs round the normalised rows it sums.
+            assert rel_err(ours.grad, ref.grad) < TOL[dtype], f"grad of {name}, shape {shape}"
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_rms_norm_non_contiguous_and_empty(backend):
+    base = torch.randn(6, 2, 40)
+    x = base[:, 1, :33]  # row stride 80, a window of each row
+    w = torch.rand(33) + 0.5
+    with force_backend(backend):
+        assert rel_err(rms_norm(x, w), rms_norm64(x.double(), w.double(), 1e-6)[0]) < 1e-5
+        xt = torch.randn(33, 6).t()  # last dim not unit-stride
+        assert rel_err(rms_norm(xt, w), rms_norm64(xt.double(), w.double(), 1e-6)[0]) < 1e-5
+        assert rms_norm(torch.randn(0, 33), w).shape == (0, 33)
+
+
+def test_rms_norm_matches_hf_rounding_with_fp32_weight():
+    # HF multiplies the weight by the normalised row already cast to the activation dtype.
+    x = torch.randn(4, 64).half()
+    w = torch.rand(64) + 0.5
+    hf = w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
+    for backend in backends_for("cpu"):
+        with force_backend(backend):
+            y = rms_norm(x, w, 1e-5)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, hf, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- RoPE
+
+ROPE_SHAPES = {  # batch, q heads, kv heads, seq, head_dim
+    "cpu": [(1, 4, 2, 1, 8), (2, 4, 1, 7, 12), (2, 3, 3, 5, 64)],
+    "cuda": [(4, 32, 8, 4096, 128), (2, 28, 4, 999, 64), (1, 16, 16, 17, 256), (3, 8, 2, 33, 80)],
+}
+
+
+def rope64(x, cos, sin):
+    half = x.shape[-1] // 2
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c[..., :half] - x2 * s[..., :half], x2 * c[..., half:] + x1 * s[..., half:]), -1)
+
+
+def hf_cos_sin(batch, seq, head_dim, device, positions=None):
+    """cos/sin as HF's rotary module builds them (cat(freqs, freqs)), for arbitrary positions."""
+    if positions is None:
+        positions = torch.randint(0, 4096, (batch, seq), device=device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize(CASE_IDS, CASES)
+def test_rope(device, dtype, backend):
+    for batch, hq, hk, seq, dim in ROPE_SHAPES[device]:
+        # HF's layout: projections viewed as [b, s, h, d] then transposed, so not contiguous.
+        q = torch.randn(batch, seq, hq, dim, device=device).transpose(1, 2)
+        k = torch.randn(batch, seq, hk, dim, device=device).transpose(1, 2)
+        cos, sin = hf_cos_sin(batch, seq, dim, device)
+        q64, k64 = _leaf(q, torch.float64), _leaf(k, torch.float64)
+        ql, kl = _leaf(q, dtype), _leaf(k, dtype)
+        with force_backend(backend):
+            qo, ko = apply_rope(ql, kl, cos.to(dtype), sin.to(dtype))
+        assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+        # cos/sin arrive in the activation dtype (as HF passes them): compare with those rounded values.
+        cos64, sin64 = cos.to(dtype).double(), sin.to(dtype).double()
+        q_ref, k_ref = rope64(q64, cos64, sin64), rope64(k64, cos64, sin64)
+        assert rel_err(qo, q_ref) < TOL[dtype] and rel_err(ko, k_ref) < TOL[dtype]
+        with force_backend(backend):
+            dq, dk = torch.randn_like(q_ref), torch.randn_like(k_ref)
+            ((q_ref * dq).sum() + (k_ref * dk).sum()).backward()
+            ((qo.double() * dq).sum() + (ko.double() * dk).sum()).backward()
+        assert rel_err(ql.grad, q64.grad) < TOL[dtype] and rel_err(kl.grad, k64.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_rope_broadcast_positions_and_2d_cos(backend):
+    q, k = torch.randn(3, 4, 6, 16), torch.randn(3, 2, 6, 16)
+    cos, sin = hf_cos_sin(1, 6, 16, "cpu", positions=torch.arange(6)[None])
+    with force_backend(backend):
+        out_b1 = apply_rope(q, k, cos, sin)
+        out_2d = apply_rope(q, k, cos[0], sin[0])
+    for out in (out_b1, out_2d):
+        assert rel_err(out[0], rope64(q.double(), cos.double(), sin.double())) < 1e-6
+        assert rel_err(out[1], rope64(k.double(), cos.double(), sin.double())) < 1e-6
+
+
+def test_rope_general_cos_halves():
+    # Nothing assumes the two halves of cos/sin are equal.
+    q, k = torch.randn(2, 2, 5, 8), torch.randn(2, 1, 5, 8)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    for backend in backends_for("cpu"):
+        ql, kl = _leaf(q), _leaf(k)
+        with force_backend(backend):
+            qo, ko = apply_rope(ql, kl, cos, sin)
+        q64, k64 = _leaf(q, torch.float64), _leaf(k, torch.float64)
+        _grads_match({"q": q64, "k": k64}, rope64(q64, cos.double(), sin.double()), {"q": ql}, qo, 1e-5)
+        assert rel_err(ko, rope64(k64, cos.double(), sin.double())) < 1e-5
+
+
+# ---------------------------------------------------------------- SwiGLU
+
+SWIGLU_SHAPES = {
+    "cpu": [(1, 33), (5, 1500), (2, 3, 130)],
+    "cuda": [(16384, 14336), (7, 4864), (2, 333, 1408)],
+}
+
+
+def swiglu64(g, u):
+    return g / (1 + torch.exp(-g)) * u
+
+
+@pytest.mark.parametrize(CASE_IDS, CASES)
+def test_swiglu(device, dtype, backend):
+    for shape in SWIGLU_SHAPES[device]:
+        g, u = torch.randn(shape, device=device) * 3, torch.randn(shape, device=device)
+        g64, u64 = _leaf(g, torch.float64), _leaf(u, torch.float64)
+        gl, ul = _leaf(g, dtype), _leaf(u, dtype)
+        with force_backend(backend):
+            y = swiglu(gl, ul)
+            assert y.dtype == dtype and y.shape == g.shape
+            y64 = swiglu64(g64, u64)
+            assert rel_err(y, y64) < TOL[dtype]
+            _grads_match({"gate": g64, "up": u64}, y64, {"gate": gl, "up": ul}, y, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_swiglu_halves_of_fused_projection(backend):
+    fused = torch.randn(4, 7, 2 * 48)
+    gate, up = fused.chunk(2, dim=-1)  # row-strided views
+    with force_backend(backend):
+        assert rel_err(swiglu(gate, up), swiglu64(gate.double(), up.double())) < 1e-6
+
+
+# ---------------------------------------------------------------- errors, dispatch, compile
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="does not match the last dim"):
+        rms_norm(x, torch.randn(9))
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        rms_norm(x.long(), w)
+    with pytest.raises(ValueError, match="residual"):
+        rms_norm(x, w, residual=torch.randn(4, 9))
+    with pytest.raises(ValueError, match="one device"):
+        rms_norm(x, w.to("meta"))
+    q, k = torch.randn(1, 2, 3, 6), torch.randn(1, 1, 3, 6)
+    cos, sin = hf_cos_sin(1, 3, 6, "cpu")
+    with pytest.raises(ValueError, match="even"):
+        apply_rope(q[..., :5], k[..., :5], cos[..., :5], sin[..., :5])
+    with pytest.raises(ValueError, match="cos/sin must be"):
+        apply_rope(q, k, cos[:, :2], sin[:, :2])
+    with pytest.raises(ValueError, match="share batch, seq and head_dim"):
+        apply_rope(q, torch.randn(1, 1, 4, 6), cos, sin)
+    with pytest.raises(ValueError, match=r"\[batch, heads, seq, head_dim\]"):
+        apply_rope(q[0], k[0], cos, sin)
+    with pytest.raises(ValueError, match="same shape"):
+        swiglu(x, torch.randn(4, 9))
+    with pytest.raises(TypeError, match="same dtype"):
+        swiglu(x, x.half())
+
+
+def test_backend_choice_and_override(monkeypatch):
+    backend, reason = choose_backend(torch.device("cpu"))
+    assert backend == backends_for("cpu")[0] and reason
+    with force_backend("reference"):
+        assert choose_backend(torch.device("cpu"))[0] == "reference"
+    monkeypatch.setenv("ACCEL_PATCH_BACKEND", "fast")
+    with pytest.raises(ValueError, match="ACCEL_PATCH_BACKEND"):
+        choose_backend(torch.device("cpu"))
+    with pytest.raises(ValueError, match="not one of"), force_backend("cuda"):
+        pass
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_ops_compile_fullgraph(backend):
+    def block(x, w, q, k, cos, sin, g, u):
+        y, h = rms_norm(x, w, 1e-6, residual=x * 2)
+        qo, ko = apply_rope(q, k, cos, sin)
+        return y.sum() + h.sum() + qo.sum() + ko.sum() + swiglu(g, u).sum()
+
+    torch._dynamo.reset()
+    args = [torch.randn(3, 16), torch.rand(16) + 0.5, torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)]
+    args += list(hf_cos_sin(1, 5, 8, "cpu")) + [torch.randn(3, 24), torch.randn(3, 24)]
+    args = [a.requires_grad_() if i in (0, 1, 2, 6) else a for i, a in enumerate(args)]
+    with force_backend(backend):
+        expected = block(*args)
+        expected_grads = torch.autograd.grad(expected, [args[i] for i in (0, 1, 2, 6)])
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+        got = compiled(*args)
+        got_grads = torch.autograd.grad(got, [args[i] for i in (0, 1, 2, 6)])
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
