@@ -53,44 +53,33 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY,
-    DH,
-    X,
-    W,
-    RSTD,
-    DX,
-    DW_PARTIAL,
-    stride_dy,
-    stride_dh,
-    stride_x,
-    stride_dx,
-    M,
-    N,
-    rows_per_program,
-    HAS_DH: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DY, DH, X, W, RSTD, DX, DW_PARTIAL,
+    stride_dy, stride_dh, stride_x, stride_dx,
+    M, N, rows_per_program,
+    HAS_DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Each program owns a contiguous band of rows and keeps its share of dW in registers, so the
-    # weight gradient needs one small [programs, N] reduction instead of M atomic adds.
+    # Each program owns a band of rows and keeps its share of dW in registers, so the weight
+    # gradient needs one small [programs, N] reduction instead of M atomic adds. BLOCK_M rows per
+    # step keep several rows' loads in flight.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    col_mask = cols < N
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i in range(0, rows_per_program):
-        row = pid.to(tl.int64) * rows_per_program + i
-        row_mask = mask & (row < M)
-        dy = tl.load(DY + row * stride_dy + cols, mask=row_mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row * stride_x + cols, mask=row_mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row, mask=row < M, other=0.0)
+    for i in range(0, rows_per_program, BLOCK_M):
+        rows = pid.to(tl.int64) * rows_per_program + i + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)[:, None]
         x_hat = x * rstd
-        dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
-        g = dy * w
-        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / N))
+        dw += tl.sum(dy * x_hat.to(X.dtype.element_ty).to(tl.float32), axis=0)
+        g = dy * w[None, :]
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / N)[:, None])
         if HAS_DH:
-            dx += tl.load(DH + row * stride_dh + cols, mask=row_mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=row_mask)
-    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_mask)
 
 
 def _launch_config(n: int) -> tuple[int, int]:
@@ -98,11 +87,23 @@ def _launch_config(n: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
+# Backward tiling: rows per step, programs per SM, warps. Tuned on H100 (benchmarks/tune_kernels.py).
+BWD_ROWS_PER_STEP_ELEMS = 8192
+BWD_PROGRAMS_PER_SM = 4
+
+
 @functools.cache
-def _bwd_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 4
-    return 4  # the CPU interpreter runs programs one by one; a few are enough to exercise the split
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _bwd_config(n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, programs) for the backward of m rows of width n."""
+    block_n, warps = _launch_config(n)
+    block_m = max(1, min(BWD_ROWS_PER_STEP_ELEMS // block_n, 16))
+    # the CPU interpreter runs programs one by one; a few exercise the split
+    programs = _sm_count(device) * BWD_PROGRAMS_PER_SM if device.type == "cuda" else 4
+    return block_m, block_n, warps, max(min(programs, triton.cdiv(m, block_m)), 1)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -145,36 +146,22 @@ def _fwd_triton(x, weight, residual, eps, out_dtype):
     return y.view(x.shape), h_out, rstd
 
 
-def _bwd_triton(dy, dh, x, weight, rstd):
+def _bwd_triton(dy, dh, x, weight, rstd, config=None):
     n = x.shape[-1]
     dy2, x2 = _rows(dy), _rows(x)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    rows_per_program = triton.cdiv(m, max(min(_bwd_programs(x.device), m), 1))
+    block_m, block_n, warps, programs = config or _bwd_config(n, m, x.device)
+    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     programs = max(triton.cdiv(m, rows_per_program), 1)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     dh2 = _rows(dh) if dh is not None else dy2
-    block, warps = _launch_config(n)
     if m > 0:
         _rms_norm_bwd_kernel[(programs,)](
-            dy2,
-            dh2,
-            x2,
-            weight,
-            rstd,
-            dx,
-            dw_partial,
-            dy2.stride(0),
-            dh2.stride(0),
-            x2.stride(0),
-            dx.stride(0),
-            m,
-            n,
-            rows_per_program,
-            HAS_DH=dh is not None,
-            BLOCK_N=block,
-            num_warps=warps,
-        )
+            dy2, dh2, x2, weight, rstd, dx, dw_partial,
+            dy2.stride(0), dh2.stride(0), x2.stride(0), dx.stride(0), m, n, rows_per_program,
+            HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )  # fmt: skip
     else:
         dw_partial.zero_()
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)

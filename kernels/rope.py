@@ -1,8 +1,8 @@
 """Rotary position embedding in HF's half-split ("rotate_half") convention, q and k in one launch.
 
-q ``[batch, q_heads, seq, head_dim]`` and k ``[batch, kv_heads, seq, head_dim]`` in any strides (HF's
-transposed projections are read in place; outputs are contiguous); ``cos``/``sin`` exactly as
-HF's rotary module returns them, ``[batch or 1, seq, head_dim]`` (or ``[seq, head_dim]``), which
+q ``[batch, q_heads, seq, head_dim]`` and k ``[batch, kv_heads, seq, head_dim]`` in any strides: HF's
+transposed projections are read in place, and outputs keep the inputs' memory layout. ``cos``/``sin``
+exactly as HF's rotary module returns them, ``[batch or 1, seq, head_dim]`` (or ``[seq, head_dim]``), which
 covers every rope scaling type and arbitrary position_ids.
 """
 
@@ -17,28 +17,13 @@ from ._backend import check_float, check_same_device, use_triton
 
 @triton.jit
 def _rotate_heads(
-    IN,
-    OUT,
-    s_in_b,
-    s_in_h,
-    s_in_s,
-    s_out_b,
-    s_out_h,
-    s_out_s,
-    b,
-    s,
-    n_heads,
-    cos1,
-    cos2,
-    sin1,
-    sin2,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    IN, OUT, s_in_b, s_in_h, s_in_s, s_out_b, s_out_h, s_out_s, b, s, s_mask, n_heads,
+    cos1, cos2, sin1, sin2, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < n_heads) & (dims < HALF)
+    # [tokens, heads, half] tile: coalesced whether heads or tokens are the outer memory dim.
+    heads = tl.arange(0, BLOCK_H)[None, :, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, None, :]
+    mask = s_mask & (heads < n_heads) & (dims < HALF)
     src = IN + b * s_in_b + s * s_in_s + heads * s_in_h + dims
     dst = OUT + b * s_out_b + s * s_out_s + heads * s_out_h + dims
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
@@ -49,92 +34,43 @@ def _rotate_heads(
 
 @triton.jit
 def _rope_kernel(
-    Q,
-    K,
-    QO,
-    KO,
-    COS,
-    SIN,
-    sq_b,
-    sq_h,
-    sq_s,
-    sk_b,
-    sk_h,
-    sk_s,
-    sqo_b,
-    sqo_h,
-    sqo_s,
-    sko_b,
-    sko_h,
-    sko_s,
-    sc_b,
-    sc_s,
-    seq_len,
-    n_q_heads,
-    n_k_heads,
-    HALF: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    BACKWARD: tl.constexpr,
+    Q, K, QO, KO, COS, SIN,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s,
+    sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
+    sc_b, sc_s, seq_len, n_q_heads, n_k_heads,
+    HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    b = (token // seq_len).to(tl.int64)
-    s = (token % seq_len).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)[None, :]
-    dmask = dims < HALF
+    s_blocks = tl.cdiv(seq_len, BLOCK_S)
+    b = (tl.program_id(0) // s_blocks).to(tl.int64)
+    s = ((tl.program_id(0) % s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)[:, None, None]
+    s_mask = s < seq_len
+    dims = tl.arange(0, BLOCK_HALF)[None, None, :]
+    trig_mask = s_mask & (dims < HALF)
     trig = b * sc_b + s * sc_s + dims
-    cos1 = tl.load(COS + trig, mask=dmask, other=0.0).to(tl.float32)
-    cos2 = tl.load(COS + trig + HALF, mask=dmask, other=0.0).to(tl.float32)
-    sin1 = tl.load(SIN + trig, mask=dmask, other=0.0).to(tl.float32)
-    sin2 = tl.load(SIN + trig + HALF, mask=dmask, other=0.0).to(tl.float32)
+    cos1 = tl.load(COS + trig, mask=trig_mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + trig + HALF, mask=trig_mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + trig, mask=trig_mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + trig + HALF, mask=trig_mask, other=0.0).to(tl.float32)
     if BACKWARD:
         # The transpose of the rotation is the same rotation with the sin halves swapped and negated.
         sin1, sin2 = -sin2, -sin1
-    _rotate_heads(
-        Q,
-        QO,
-        sq_b,
-        sq_h,
-        sq_s,
-        sqo_b,
-        sqo_h,
-        sqo_s,
-        b,
-        s,
-        n_q_heads,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
-        HALF,
-        BLOCK_Q,
-        BLOCK_HALF,
-    )
-    _rotate_heads(
-        K,
-        KO,
-        sk_b,
-        sk_h,
-        sk_s,
-        sko_b,
-        sko_h,
-        sko_s,
-        b,
-        s,
-        n_k_heads,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
-        HALF,
-        BLOCK_K,
-        BLOCK_HALF,
-    )
+    _rotate_heads(Q, QO, sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s, b, s, s_mask, n_q_heads,
+                  cos1, cos2, sin1, sin2, HALF, BLOCK_Q, BLOCK_HALF)
+    _rotate_heads(K, KO, sk_b, sk_h, sk_s, sko_b, sko_h, sko_s, b, s, s_mask, n_k_heads,
+                  cos1, cos2, sin1, sin2, HALF, BLOCK_K, BLOCK_HALF)
+
+
+TILE_ELEMS = 8192  # elements of one [tokens, heads, half] tile: enough bytes in flight per program
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _out_like(t: torch.Tensor) -> torch.Tensor:
+    """Output buffer in t's memory layout (HF's transposed q/k stay transposed), last dim contiguous."""
+    return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 def _trig_strides(cos: torch.Tensor) -> tuple[int, int]:
@@ -144,51 +80,25 @@ def _trig_strides(cos: torch.Tensor) -> tuple[int, int]:
     return (0 if cos.shape[0] == 1 else cos.stride(0)), cos.stride(1)
 
 
-def _rope_triton(q, k, cos, sin, backward):
-    q, k = _unit_last_stride(q), _unit_last_stride(k)
-    cos, sin = cos.contiguous(), sin.contiguous()
-    q_out, k_out = (
-        torch.empty(q.shape, dtype=q.dtype, device=q.device),
-        torch.empty(k.shape, dtype=k.dtype, device=k.device),
-    )
+def _rope_triton(q, k, cos, sin, backward, tile_elems=TILE_ELEMS):
+    q_out, k_out = _out_like(q), _out_like(k)
+    q, k, cos, sin = (_unit_last_stride(t) for t in (q, k, cos, sin))
     batch, n_q, seq, head_dim = q.shape
     n_k = k.shape[1]
     half = head_dim // 2
     sc_b, sc_s = _trig_strides(cos)
     block_half = triton.next_power_of_2(half)
     block_q, block_k = triton.next_power_of_2(n_q), triton.next_power_of_2(n_k)
+    block_s = min(max(tile_elems // (block_q * block_half), 1), triton.next_power_of_2(max(seq, 1)))
     if batch * seq > 0:
-        _rope_kernel[(batch * seq,)](
-            q,
-            k,
-            q_out,
-            k_out,
-            cos,
-            sin,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            q_out.stride(0),
-            q_out.stride(1),
-            q_out.stride(2),
-            k_out.stride(0),
-            k_out.stride(1),
-            k_out.stride(2),
-            sc_b,
-            sc_s,
-            seq,
-            n_q,
-            n_k,
-            HALF=half,
-            BLOCK_Q=block_q,
-            BLOCK_K=block_k,
-            BLOCK_HALF=block_half,
-            BACKWARD=backward,
-            num_warps=4 if block_q * block_half <= 2048 else 8,
-        )
+        _rope_kernel[(batch * triton.cdiv(seq, block_s),)](
+            q, k, q_out, k_out, cos, sin,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            sc_b, sc_s, seq, n_q, n_k,
+            HALF=half, BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_HALF=block_half,
+            BACKWARD=backward, num_warps=8 if block_s * block_q * block_half >= 4096 else 4,
+        )  # fmt: skip
     return q_out, k_out
 
 
@@ -207,7 +117,8 @@ def rope_ref(
     if backward:
         half = sin.shape[-1] // 2
         sin = -torch.cat((sin[..., half:], sin[..., :half]), dim=-1)
-    rotated = [(x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype).contiguous() for x in (q, k)]
+    # outputs keep the inputs' memory layout, as the kernel's do
+    rotated = [_out_like(x).copy_(x.float() * cos + rotate_half(x.float()) * sin) for x in (q, k)]
     return rotated[0], rotated[1]
 
 
@@ -222,7 +133,7 @@ def _rope_op(
 
 @_rope_op.register_fake
 def _(q, k, cos, sin, backward):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+    return _out_like(q), _out_like(k)
 
 
 def _setup_context(ctx, inputs, output):

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+
 from accel_patch.kernels import apply_rope, choose_backend, force_backend, rms_norm, swiglu
+
 from helpers import CPU_DTYPES, TOL, backends_for, rel_err
 
 CASES = [("cpu", dtype, backend) for dtype in CPU_DTYPES for backend in backends_for("cpu")] + [
@@ -134,6 +136,7 @@ def test_rope(device, dtype, backend):
         with force_backend(backend):
             qo, ko = apply_rope(ql, kl, cos.to(dtype), sin.to(dtype))
         assert qo.shape == q.shape and ko.shape == k.shape and qo.dtype == dtype
+        assert qo.stride() == q.stride() and ko.stride() == k.stride()  # HF's layout is kept
         # cos/sin arrive in the activation dtype (as HF passes them): compare with those rounded values.
         cos64, sin64 = cos.to(dtype).double(), sin.to(dtype).double()
         q_ref, k_ref = rope64(q64, cos64, sin64), rope64(k64, cos64, sin64)
@@ -155,6 +158,25 @@ def test_rope_broadcast_positions_and_2d_cos(backend):
     for out in (out_b1, out_2d):
         assert rel_err(out[0], rope64(q.double(), cos.double(), sin.double())) < 1e-6
         assert rel_err(out[1], rope64(k.double(), cos.double(), sin.double())) < 1e-6
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_backward_with_expanded_upstream_grads(backend):
+    # loss.sum() hands each op a stride-0 gradient; the kernels must not read it as dense.
+    q, k = _leaf(torch.randn(2, 4, 5, 8)), _leaf(torch.randn(2, 2, 5, 8))
+    cos, sin = hf_cos_sin(2, 5, 8, "cpu")
+    x, w = _leaf(torch.randn(3, 24)), _leaf(torch.rand(24) + 0.5)
+    g, u = _leaf(torch.randn(3, 24)), _leaf(torch.randn(3, 24))
+    with force_backend(backend):
+        qo, ko = apply_rope(q, k, cos, sin)
+        (qo.sum() + ko.sum() + rms_norm(x, w).sum() + swiglu(g, u).sum()).backward()
+    leaves64 = [_leaf(t, torch.float64) for t in (q, k, x, w, g, u)]
+    q64, k64, x64, w64, g64, u64 = leaves64
+    c64, s64 = cos.double(), sin.double()
+    loss64 = rope64(q64, c64, s64).sum() + rope64(k64, c64, s64).sum()
+    (loss64 + rms_norm64(x64, w64, 1e-6)[0].sum() + swiglu64(g64, u64).sum()).backward()
+    for ours, ref in zip((q, k, x, w, g, u), leaves64, strict=True):
+        assert rel_err(ours.grad, ref.grad) < 1e-5
 
 
 def test_rope_general_cos_halves():

@@ -1,0 +1,48 @@
+"""Timing, hardware ceilings and result tables shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton.testing
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(512 * 2**20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+def write_table(stem: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> Path:
+    """Write a markdown table named after the benchmark and the GPU; also print it."""
+    lines = [f"# {title}", "", f"GPU: {gpu_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+             f"{datetime.date.today().isoformat()}", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"- {note}" for note in notes]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{stem}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu_name()).strip('-')}.md"
+    path.write_text(text)
+    print(text)
+    return path
