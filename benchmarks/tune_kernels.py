@@ -1,0 +1,56 @@
+"""Sweep launch configs of the memory-bound backward kernels at LLaMA-3-8B shapes (bf16, CUDA).
+
+Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can be chosen by measurement.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from accel_patch.kernels import rms_norm as rms_norm_module
+from accel_patch.kernels import rope as rope_module
+
+from common import copy_bandwidth, median_ms
+
+
+def main() -> None:
+    copy_bw = copy_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    m, n = 16384, 4096
+    dy, x = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.rand(n, device="cuda", dtype=torch.bfloat16)
+    rstd = torch.rand(m, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    nbytes = 3 * m * n * 2
+    print("RMSNorm backward 16384x4096: BLOCK_M, warps, programs/SM -> GB/s")
+    for block_m in (1, 2, 4, 8):
+        for warps in (4, 8, 16):
+            for per_sm in (1, 2, 4, 8):
+                config = (block_m, triton.next_power_of_2(n), warps, sms * per_sm)
+                try:
+                    ms = median_ms(lambda c=config: rms_norm_module._bwd_triton(dy, None, x, w, rstd, c))
+                except Exception as error:  # out of resources at this config
+                    print(f"  {block_m:>2} {warps:>2} {per_sm}: failed {type(error).__name__}")
+                    continue
+                rate = nbytes / ms / 1e-3
+                print(f"  {block_m:>2} {warps:>2} {per_sm}: {rate / 1e9:7.0f} ({rate / copy_bw:.0%})")
+    b, s, hq, hk, d = 4, 4096, 32, 8, 128
+    cos, sin = (torch.randn(b, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    layouts = {
+        "HF transposed": (torch.randn(b, s, hq, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2),
+                          torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)),
+        "contiguous": (torch.randn(b, hq, s, d, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16)),
+    }
+    nbytes = 2 * b * s * (hq + hk) * d * 2
+    print("RoPE: layout, tile elements -> GB/s")
+    for name, (q, k) in layouts.items():
+        for tile in (2048, 4096, 8192, 16384, 32768):
+            ms = median_ms(lambda q=q, k=k, t=tile: rope_module._rope_triton(q, k, cos, sin, True, t))
+            rate = nbytes / ms / 1e-3
+            print(f"  {name:<14} {tile:>6}: {rate / 1e9:7.0f} ({rate / copy_bw:.0%})")
+
+
+if __name__ == "__main__":
+    main()
