@@ -5,13 +5,16 @@ Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import triton
 
-from accel_patch.kernels import rms_norm as rms_norm_module
-from accel_patch.kernels import rope as rope_module
-
 from common import copy_bandwidth, median_ms
+
+# the package exports functions of the same names, so fetch the modules themselves
+rms_norm_module = importlib.import_module("accel_patch.kernels.rms_norm")
+rope_module = importlib.import_module("accel_patch.kernels.rope")
 
 
 def main() -> None:

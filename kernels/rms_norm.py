@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, use_triton
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
 
 MAX_WIDTH = 65536  # one row is held in registers by one program
 
@@ -87,9 +87,11 @@ def _launch_config(n: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
-# Backward tiling: rows per step, programs per SM, warps. Tuned on H100 (benchmarks/tune_kernels.py).
-BWD_ROWS_PER_STEP_ELEMS = 8192
-BWD_PROGRAMS_PER_SM = 4
+# Backward tiling, chosen with benchmarks/tune_kernels.py on an H100 at 16384 x 4096 bf16:
+# 4 rows x 4096 per step, 8 warps, one program per SM reached 85% of copy bandwidth (2 rows,
+# 16 warps, 4 per SM: 70%).
+BWD_TILE_ELEMS = 16384
+BWD_PROGRAMS_PER_SM = 1
 
 
 @functools.cache
@@ -99,8 +101,9 @@ def _sm_count(device: torch.device) -> int:
 
 def _bwd_config(n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, programs) for the backward of m rows of width n."""
-    block_n, warps = _launch_config(n)
-    block_m = max(1, min(BWD_ROWS_PER_STEP_ELEMS // block_n, 16))
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(BWD_TILE_ELEMS // block_n, 16))
+    warps = 8 if block_m * block_n >= 8192 else 4
     # the CPU interpreter runs programs one by one; a few exercise the split
     programs = _sm_count(device) * BWD_PROGRAMS_PER_SM if device.type == "cuda" else 4
     return block_m, block_n, warps, max(min(programs, triton.cdiv(m, block_m)), 1)
@@ -194,8 +197,7 @@ def rms_norm_bwd_ref(
     return dx.to(x.dtype).reshape(x.shape).contiguous(), dw
 
 
-@torch.library.custom_op("accel_patch::rms_norm", mutates_args=())
-def _rms_norm_op(
+def _forward(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(x):
@@ -203,15 +205,7 @@ def _rms_norm_op(
     return rms_norm_ref(x, weight, residual, eps)
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, residual, eps):
-    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
-    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
-    return y, h, x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("accel_patch::rms_norm_backward", mutates_args=())
-def _rms_norm_bwd_op(
+def _backward_impl(
     dy: torch.Tensor, dh: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x):
@@ -219,9 +213,23 @@ def _rms_norm_bwd_op(
     return rms_norm_bwd_ref(dy, dh, x, weight, rstd)
 
 
-@_rms_norm_bwd_op.register_fake
+_forward_op = torch.library.custom_op("accel_patch::rms_norm", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("accel_patch::rms_norm_backward", _backward_impl, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(x, weight, residual, eps):
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return y, h, x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
+
+
+@_backward_op.register_fake
 def _(dy, dh, x, weight, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+_rms_norm_backward = eager_or_compiled(_backward_op, _backward_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -233,11 +241,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _drstd):
     normed_input, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_norm_bwd_op(dy, dh if ctx.has_residual else None, normed_input, weight, rstd)
+    dx, dw = _rms_norm_backward(dy, dh if ctx.has_residual else None, normed_input, weight, rstd)
     return dx, dw, dx if ctx.has_residual else None, None
 
 
-_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_rms_norm = differentiable(_forward_op, _forward, _setup_context, _backward)
 
 
 def rms_norm(
@@ -260,5 +268,5 @@ def rms_norm(
         check_same_device(x=x, weight=weight, residual=residual)
     else:
         check_same_device(x=x, weight=weight)
-    y, h, _ = _rms_norm_op(x, weight, residual, float(eps))
+    y, h, _ = _rms_norm(x, weight, residual, float(eps))
     return (y, h) if residual is not None else y

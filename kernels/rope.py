@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, use_triton
+from ._backend import check_float, check_same_device, differentiable, use_triton
 
 
 @triton.jit
@@ -122,13 +122,15 @@ def rope_ref(
     return rotated[0], rotated[1]
 
 
-@torch.library.custom_op("accel_patch::apply_rope", mutates_args=())
-def _rope_op(
+def _forward(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(q):
         return _rope_triton(q, k, cos, sin, backward)
     return rope_ref(q, k, cos, sin, backward)
+
+
+_rope_op = torch.library.custom_op("accel_patch::apply_rope", _forward, mutates_args=())
 
 
 @_rope_op.register_fake
@@ -144,11 +146,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq_in, dk_in = _rope_op(dq, dk, cos, sin, not ctx.backward)
+    dq_in, dk_in = _rope(dq, dk, cos, sin, not ctx.backward)
     return dq_in, dk_in, None, None, None
 
 
-_rope_op.register_autograd(_backward, setup_context=_setup_context)
+_rope = differentiable(_rope_op, _forward, _setup_context, _backward)
 
 
 def apply_rope(
@@ -177,4 +179,4 @@ def apply_rope(
             f"got {tuple(cos.shape)}"
         )
     check_same_device(q=q, k=k, cos=cos, sin=sin)
-    return _rope_op(q, k, cos, sin, False)
+    return _rope(q, k, cos, sin, False)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, use_triton
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
 
 BLOCK = 1024
 
@@ -100,30 +100,33 @@ def swiglu_bwd_ref(
     ).contiguous()
 
 
-@torch.library.custom_op("accel_patch::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton(gate):
         return _swiglu_fwd_triton(gate, up)
     return swiglu_ref(gate, up)
 
 
-@_swiglu_op.register_fake
-def _(gate, up):
-    return gate.new_empty(gate.shape)
-
-
-@torch.library.custom_op("accel_patch::swiglu_backward", mutates_args=())
-def _swiglu_bwd_op(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_impl(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if use_triton(gate):
         return _swiglu_bwd_triton(dy, gate, up)
     return swiglu_bwd_ref(dy, gate, up)
 
 
-@_swiglu_bwd_op.register_fake
+_forward_op = torch.library.custom_op("accel_patch::swiglu", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("accel_patch::swiglu_backward", _backward_impl, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@_backward_op.register_fake
 def _(dy, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+_swiglu_backward = eager_or_compiled(_backward_op, _backward_impl)
 
 
 def _setup_context(ctx, inputs, output):
@@ -132,10 +135,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    return _swiglu_bwd_op(dy, gate, up)
+    return _swiglu_backward(dy, gate, up)
 
 
-_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+_swiglu = differentiable(_forward_op, _forward, _setup_context, _backward)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -149,4 +152,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.dim() == 0:
         raise ValueError("swiglu needs at least one dimension")
     check_same_device(gate=gate, up=up)
-    return _swiglu_op(gate, up)
+    return _swiglu(gate, up)
