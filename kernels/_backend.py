@@ -81,10 +81,11 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must share one device, got {listing}; move them with .to(device)")
 
 
-# Custom-op dispatch costs ~0.3 ms of host time per call in eager mode (profiled on the H100 host with
-# torch 2.11), more than the kernels themselves at LLaMA-8B sizes. So eager calls go straight to the
-# implementation through an autograd.Function, and only torch.compile sees the registered op, which
-# keeps its graph whole.
+# Custom-op dispatch, and autograd.Function's separate-setup_context form (it binds arguments through
+# inspect.signature on every call), cost more host time per call than the kernels take at LLaMA-8B
+# sizes (profiled on the H100 host, torch 2.11). So eager calls go straight to the implementation
+# through a classic autograd.Function, and only torch.compile sees the registered op, which keeps its
+# graph whole.
 
 
 def eager_or_compiled(op: Callable, impl: Callable) -> Callable:
@@ -100,13 +101,15 @@ def differentiable(op, impl: Callable, setup_context: Callable, backward: Callab
     """Register ``backward`` on the custom ``op`` and return a caller that uses the same autograd
     formula through an ``autograd.Function`` in eager mode."""
     op.register_autograd(backward, setup_context=setup_context)
+
+    def forward(ctx, *args):
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        return output
+
     function = type(
         f"{impl.__name__}_function",
         (torch.autograd.Function,),
-        {
-            "forward": staticmethod(impl),
-            "setup_context": staticmethod(setup_context),
-            "backward": staticmethod(backward),
-        },
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
     return eager_or_compiled(op, function.apply)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, differentiable, use_triton
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
 
 
 @triton.jit
@@ -146,11 +146,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq_in, dk_in = _rope(dq, dk, cos, sin, not ctx.backward)
+    # The gradient of a rotation is the transposed rotation: the same kernel with BACKWARD flipped.
+    dq_in, dk_in = _rope_transposed(dq, dk, cos, sin, not ctx.backward)
     return dq_in, dk_in, None, None, None
 
 
 _rope = differentiable(_rope_op, _forward, _setup_context, _backward)
+_rope_transposed = eager_or_compiled(_rope_op, _forward)
 
 
 def apply_rope(
