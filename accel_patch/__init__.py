@@ -1,7 +1,17 @@
 """accel-patch: Triton kernels swapped into HuggingFace Transformers LLMs."""
 
 from .kernels import apply_rope, force_backend, rms_norm, swiglu
+from .patching import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "apply_rope", "force_backend", "rms_norm", "swiglu"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "__version__",
+    "apply_rope",
+    "force_backend",
+    "patch_model",
+    "rms_norm",
+    "swiglu",
+    "unpatch_model",
+]

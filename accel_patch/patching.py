@@ -1,0 +1,61 @@
+"""``patch_model`` / ``unpatch_model``: per-instance module swaps, no class-level monkey-patching."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from torch import nn
+
+from .kernels import choose_backend
+from .model_adapters import ADAPTERS, find_decoders, patch_decoder, unpatch_tree
+
+logger = logging.getLogger("accel_patch")
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ADAPTERS))
+
+
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def patch_model(
+    model: nn.Module, *, attention: bool = True, rope: bool = True, rmsnorm: bool = True, swiglu: bool = True
+) -> nn.Module:
+    """Swap Triton-backed attention, RoPE, RMSNorm and SwiGLU modules into ``model`` in place.
+
+    Works on any module whose tree holds a supported decoder (``*ForCausalLM``, the bare ``*Model``,
+    ``*ForSequenceClassification``, a PEFT wrapper). Parameters are shared, not copied, so
+    ``state_dict()`` is unchanged. Calling it twice changes nothing the second time.
+    """
+    decoders = find_decoders(model)
+    if not decoders:
+        raise ValueError(
+            f"no decoder found in {type(model).__name__} (model_type {_model_type(model)!r}); "
+            f"patch_model supports model types {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    unsupported = sorted({d.config.model_type for d in decoders if d.config.model_type not in ADAPTERS})
+    if unsupported:
+        raise ValueError(
+            f"model_type {', '.join(map(repr, unsupported))} is not supported; "
+            f"patch_model supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    swapped: Counter = Counter()
+    for decoder in decoders:
+        swapped += patch_decoder(
+            decoder, ADAPTERS[decoder.config.model_type],
+            attention=attention, rope=rope, rmsnorm=rmsnorm, swiglu=swiglu,
+        )  # fmt: skip
+    device = next(model.parameters()).device
+    backend, reason = choose_backend(device)
+    counts = ", ".join(f"{swapped[kind]} {kind}" for kind in ("attention", "rope", "rmsnorm", "swiglu"))
+    logger.info("accel_patch: patched %s: %s; kernels on %s (%s)", type(model).__name__, counts, backend, reason)
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Put the stock HF modules back in place, holding the model's current parameters."""
+    restored = unpatch_tree(model)
+    logger.info("accel_patch: restored %d stock modules in %s", restored, type(model).__name__)
+    return model

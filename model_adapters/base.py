@@ -1,0 +1,112 @@
+"""The shared patching logic; a family file only declares how it differs from LLaMA."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
+
+SWIGLU_ACTIVATIONS = ("silu", "swish")
+
+
+def no_sliding_window(config, layer_idx: int) -> int | None:
+    return None
+
+
+def window_on_every_layer(config, layer_idx: int) -> int | None:
+    """Mistral: one window, ``config.sliding_window``, on every layer (None disables it)."""
+    return getattr(config, "sliding_window", None)
+
+
+def window_from_layer_types(config, layer_idx: int) -> int | None:
+    """Qwen2/Qwen3: the window applies only on layers typed "sliding_attention"."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] == "sliding_attention":
+        return config.sliding_window
+    return None
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    model_type: str
+    sliding_window: Callable[[object, int], int | None] = no_sliding_window
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {}
+
+
+def register(adapter: FamilyAdapter) -> FamilyAdapter:
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def find_decoders(model: nn.Module) -> list[nn.Module]:
+    """Every bare decoder (``*Model`` with ``layers`` and a final ``norm``) inside ``model``'s tree."""
+    return [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "layers", None), nn.ModuleList)
+        and isinstance(getattr(module, "norm", None), nn.Module)
+        and hasattr(getattr(module, "config", None), "model_type")
+    ]
+
+
+def check_config(adapter: FamilyAdapter, config, *, swiglu: bool, rope: bool) -> None:
+    """Refuse configs whose numbers the kernels would change, naming the flag that avoids it."""
+    if swiglu and getattr(config, "hidden_act", "silu") not in SWIGLU_ACTIVATIONS:
+        raise ValueError(
+            f"{adapter.model_type} config has hidden_act={config.hidden_act!r}, not SwiGLU's silu; "
+            "pass swiglu=False to patch_model"
+        )
+    rope_parameters = getattr(config, "rope_parameters", None) or {}
+    partial = rope_parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if rope and partial != 1.0:
+        raise ValueError(
+            f"{adapter.model_type} config rotates only part of each head (partial_rotary_factor={partial}); "
+            "the RoPE kernel rotates whole heads: pass rope=False to patch_model"
+        )
+
+
+def patch_decoder(
+    decoder: nn.Module, adapter: FamilyAdapter, *, attention: bool, rope: bool, rmsnorm: bool, swiglu: bool
+) -> Counter:
+    """Swap kernel-backed modules into one decoder in place; returns what was swapped, by kind."""
+    config = decoder.config
+    check_config(adapter, config, swiglu=swiglu, rope=rope)
+    swapped: Counter = Counter()
+    if rmsnorm:
+        norm = decoder.norm
+        norm_type = type(norm.__dict__["_stock"] if isinstance(norm, KernelModule) else norm)
+        for parent in list(decoder.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is norm_type:  # stock norms only: a second call finds none
+                    setattr(parent, name, RMSNorm(child))
+                    swapped["rmsnorm"] += 1
+    for layer_idx, layer in enumerate(decoder.layers):
+        if swiglu and not isinstance(layer.mlp, KernelModule):
+            layer.mlp = SwiGLUMLP(layer.mlp)
+            swapped["swiglu"] += 1
+        if (attention or rope) and not isinstance(layer.self_attn, KernelModule):
+            if adapter.qk_norm and getattr(layer.self_attn, "q_norm", None) is None:
+                raise ValueError(f"{adapter.model_type} attention is declared with q/k norms but has none")
+            window = adapter.sliding_window(config, layer_idx)
+            layer.self_attn = Attention(layer.self_attn, sliding_window=window, use_rope_kernel=rope)
+            swapped["attention"] += int(attention)
+            swapped["rope"] += int(rope)
+    return swapped
+
+
+def unpatch_tree(model: nn.Module) -> int:
+    """Put every stock module back (with the current parameters); returns how many were restored."""
+    restored = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, KernelModule):
+                setattr(parent, name, child.to_stock())
+                restored += 1
+    return restored

@@ -1,0 +1,114 @@
+"""Kernel-backed drop-ins for HF decoder modules.
+
+Each one holds the *same* Parameter and Linear objects as the stock module it replaces, under the same
+attribute names, so ``state_dict()`` keys and values, optimizers and FSDP see exactly what they saw
+before. The stock module is kept outside the module tree (not registered) so that it can be restored.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..kernels import apply_rope, rms_norm, swiglu
+
+
+class KernelModule(nn.Module):
+    """Base of every swapped-in module: remembers the stock module it stands for."""
+
+    def __init__(self, stock: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_stock"] = stock  # not a submodule: state_dict and .to() never see it twice
+        self.train(stock.training)
+
+    def to_stock(self) -> nn.Module:
+        """The stock module, pointed at this module's current parameters, buffers and children."""
+        stock = self.__dict__["_stock"]
+        for name, param in self._parameters.items():
+            stock._parameters[name] = param
+        for name, buffer in self._buffers.items():
+            stock._buffers[name] = buffer
+        for name, child in self._modules.items():
+            stock._modules[name] = child.to_stock() if isinstance(child, KernelModule) else child
+        stock.train(self.training)
+        return stock
+
+
+class RMSNorm(KernelModule):
+    def __init__(self, stock: nn.Module) -> None:
+        super().__init__(stock)
+        self.weight = stock.weight
+        self.variance_epsilon = stock.variance_epsilon
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, kernel=accel_patch.rms_norm"
+
+
+class SwiGLUMLP(KernelModule):
+    def __init__(self, stock: nn.Module) -> None:
+        super().__init__(stock)
+        self.gate_proj, self.up_proj, self.down_proj = stock.gate_proj, stock.up_proj, stock.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _stock_function(stock: nn.Module, name: str) -> Callable:
+    """A function (apply_rotary_pos_emb, eager_attention_forward) from the stock module's own file."""
+    return getattr(sys.modules[type(stock).__module__], name)
+
+
+class Attention(KernelModule):
+    """Projections, optional q/k RMSNorm (Qwen3), RoPE, KV-cache update, attention, output projection.
+
+    The attention computation goes through HF's attention interface for ``config._attn_implementation``
+    (sdpa, eager, ...), so masks, padding and sliding windows behave exactly as in the stock model.
+    """
+
+    def __init__(self, stock: nn.Module, *, sliding_window: int | None, use_rope_kernel: bool) -> None:
+        super().__init__(stock)
+        for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
+                     "is_causal"):  # fmt: skip
+            setattr(self, name, getattr(stock, name))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = stock.q_proj, stock.k_proj, stock.v_proj, stock.o_proj
+        self.q_norm = getattr(stock, "q_norm", None)
+        self.k_norm = getattr(stock, "k_norm", None)
+        self.sliding_window = sliding_window
+        self.rotate = apply_rope if use_rope_kernel else _stock_function(stock, "apply_rotary_pos_emb")
+        self.eager_attention = _stock_function(stock, "eager_attention_forward")
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
+            query, key = self.q_norm(query), self.k_norm(key)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
+        output, weights = attention(
+            self, query, key, value, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
+        )  # fmt: skip
+        output = output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(output), weights

@@ -1,0 +1,260 @@
+"""patch_model on tiny configs carrying each family's quirks, compared with the stock HF model."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from accel_patch import SUPPORTED_MODEL_TYPES, force_backend, patch_model, unpatch_model
+from accel_patch.model_adapters.modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
+
+from helpers import backends_for, rel_err
+
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)  # fmt: skip
+FAMILIES = {
+    # head_dim != hidden/heads, llama3 rope scaling, tied embeddings
+    "llama": dict(
+        head_dim=24, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    ),  # fmt: skip
+    "mistral": dict(sliding_window=8),  # sequences below are longer than the window
+    "qwen2": dict(use_sliding_window=True, sliding_window=6, max_window_layers=1),  # biases; layers 1+ slide
+    "qwen3": dict(head_dim=24, use_sliding_window=True, sliding_window=6, max_window_layers=2),  # q/k norms
+}
+
+
+def tiny_config(family: str, **overrides):
+    return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **overrides})
+
+
+def stock_and_patched(family: str, dtype=torch.float32, device="cpu", **patch_flags):
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa", dtype=dtype)
+    stock = stock.to(device).eval()
+    patched = patch_model(copy.deepcopy(stock), **patch_flags)
+    return stock, patched
+
+
+def left_padded_batch(device="cpu", length=20):
+    ids = torch.randint(3, VOCAB, (3, length), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(params=backends_for("cpu"))
+def backend(request):
+    with force_backend(request.param):
+        yield request.param
+
+
+def test_supported_model_types():
+    assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES)
+
+
+def test_logits_and_gradients_match_stock(family, backend):
+    stock, patched = stock_and_patched(family)
+    assert sum(isinstance(m, Attention) for m in patched.modules()) == COMMON["num_hidden_layers"]
+    ids, mask = left_padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    out_stock = stock(ids, attention_mask=mask, labels=labels)
+    out_patched = patched(ids, attention_mask=mask, labels=labels)
+    assert rel_err(out_patched.logits[mask.bool()], out_stock.logits[mask.bool()]) < 1e-4
+    out_stock.loss.backward()
+    out_patched.loss.backward()
+    stock_params = dict(stock.named_parameters())
+    for name, param in patched.named_parameters():
+        assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
+
+
+def test_explicit_position_ids_match(family, backend):
+    stock, patched = stock_and_patched(family)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    position_ids = torch.tensor([list(range(40, 52)), list(range(3, 15))])
+    expected = stock(ids, position_ids=position_ids).logits
+    assert rel_err(patched(ids, position_ids=position_ids).logits, expected) < 1e-4
+
+
+def test_generation_matches_stock(family, backend):
+    stock, patched = stock_and_patched(family)
+    ids, mask = left_padded_batch(length=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0)
+    for mode in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
+        expected = stock.generate(ids, **kwargs, **mode)
+        assert torch.equal(patched.generate(ids, **kwargs, **mode), expected), mode
+    torch.manual_seed(5)
+    expected = stock.generate(ids, **kwargs, do_sample=True, top_k=20)
+    torch.manual_seed(5)
+    assert torch.equal(patched.generate(ids, **kwargs, do_sample=True, top_k=20), expected)
+
+
+def test_static_cache_generation(backend):
+    stock, patched = stock_and_patched("llama")
+    ids = torch.randint(3, VOCAB, (2, 6))
+    kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+
+
+def test_training_follows_stock_loss_curve(family, backend):
+    stock, patched = stock_and_patched(family)
+    stock.train()
+    patched.train()
+    ids = torch.randint(3, VOCAB, (4, 16))
+    curves = []
+    for model in (stock, patched):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(20):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    assert curves[0][-1] < curves[0][0] - 0.5  # the run really trains
+    assert rel_err(curves[1], curves[0]) < 1e-4
+
+
+def test_gradient_checkpointing_matches(backend):
+    stock, patched = stock_and_patched("qwen3")
+    for model in (stock, patched):
+        model.train()
+        model.gradient_checkpointing_enable()
+    ids = torch.randint(3, VOCAB, (2, 10))
+    stock(ids, labels=ids).loss.backward()
+    patched(ids, labels=ids).loss.backward()
+    stock_params = dict(stock.named_parameters())
+    for name, param in patched.named_parameters():
+        assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
+
+
+def test_state_dict_is_the_stock_one_and_parameters_are_shared(family):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    before = model.state_dict()
+    params_before = {name: p for name, p in model.named_parameters()}
+    patch_model(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for name, tensor in after.items():
+        assert tensor.data_ptr() == before[name].data_ptr() and torch.equal(tensor, before[name]), name
+    for name, param in model.named_parameters():
+        assert param is params_before[name], name  # the same Parameter objects, not copies
+
+
+def test_save_pretrained_writes_a_stock_checkpoint(tmp_path, backend):
+    stock, patched = stock_and_patched("qwen2")
+    patched.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert not any(isinstance(m, KernelModule) for m in reloaded.modules())
+    ids = torch.randint(3, VOCAB, (2, 9))
+    assert rel_err(reloaded(ids).logits, stock(ids).logits) < 1e-6
+
+
+def test_per_instance_isolation_and_idempotence(backend):
+    stock, patched = stock_and_patched("llama")
+    assert not any(isinstance(m, KernelModule) for m in stock.modules())
+    assert type(stock.model.layers[0].self_attn) is not type(patched.model.layers[0].self_attn)
+    modules_before = list(patched.modules())
+    patch_model(patched)
+    assert list(patched.modules()) == modules_before
+    assert all(a is b for a, b in zip(patched.modules(), modules_before, strict=True))
+
+
+def test_unpatch_restores_stock_modules_with_current_weights(backend):
+    stock, patched = stock_and_patched("qwen3")
+    with torch.no_grad():
+        patched.model.norm.weight.mul_(1.5)  # trained after patching
+    unpatch_model(patched)
+    assert not any(isinstance(m, KernelModule) for m in patched.modules())
+    assert [type(m) for m in patched.modules()] == [type(m) for m in stock.modules()]
+    assert list(patched.state_dict()) == list(stock.state_dict())
+    with torch.no_grad():
+        stock.model.norm.weight.mul_(1.5)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    assert rel_err(patched(ids).logits, stock(ids).logits) < 1e-6
+
+
+def test_selective_flags():
+    _, patched = stock_and_patched("llama", attention=False, rope=False, swiglu=False)
+    kinds = {type(m) for m in patched.modules() if isinstance(m, KernelModule)}
+    assert kinds == {RMSNorm}
+    _, patched = stock_and_patched("llama", rmsnorm=False, attention=False, rope=False)
+    assert {type(m) for m in patched.modules() if isinstance(m, KernelModule)} == {SwiGLUMLP}
+
+
+def test_rope_flag_off_keeps_stock_rotation(backend):
+    stock, patched = stock_and_patched("mistral", rope=False)
+    assert patched.model.layers[0].self_attn.rotate is not None
+    ids = torch.randint(3, VOCAB, (2, 12))
+    assert rel_err(patched(ids).logits, stock(ids).logits) < 1e-4
+
+
+def test_sequence_classification_and_peft_wrapped(backend):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_config(tiny_config("qwen2", num_labels=3)).eval()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    expected = classifier(ids).logits
+    assert rel_err(patch_model(copy.deepcopy(classifier))(ids).logits, expected) < 1e-4
+
+    stock, _ = stock_and_patched("llama")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(stock), lora)
+    expected = peft_model(ids).logits
+    patch_model(peft_model)
+    assert sum(isinstance(m, Attention) for m in peft_model.modules()) == COMMON["num_hidden_layers"]
+    assert rel_err(peft_model(ids).logits, expected) < 1e-4
+
+
+def test_unsupported_models_and_configs_raise():
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2))
+    with pytest.raises(ValueError, match=r"'gpt2'.*llama, mistral, qwen2, qwen3"):
+        patch_model(gpt2)
+    with pytest.raises(ValueError, match="no decoder found"):
+        patch_model(torch.nn.Linear(3, 3))
+    gelu = AutoModelForCausalLM.from_config(tiny_config("llama", hidden_act="gelu"))
+    with pytest.raises(ValueError, match="hidden_act='gelu'.*swiglu=False"):
+        patch_model(gelu)
+    patch_model(gelu, swiglu=False)  # the rest still patches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_gpu_bf16_matches_stock(family_name):
+    stock, patched = stock_and_patched(family_name, dtype=torch.bfloat16, device="cuda")
+    assert sum(isinstance(m, Attention) for m in patched.modules()) == COMMON["num_hidden_layers"]
+    ids, mask = left_padded_batch(device="cuda", length=64)
+    labels = ids.masked_fill(mask == 0, -100)
+    out_stock = stock(ids, attention_mask=mask, labels=labels)
+    out_patched = patched(ids, attention_mask=mask, labels=labels)
+    assert rel_err(out_patched.logits[mask.bool()], out_stock.logits[mask.bool()]) < 2e-2
+    out_stock.loss.backward()
+    out_patched.loss.backward()
+    stock_params = dict(stock.named_parameters())
+    for name, param in patched.named_parameters():
+        assert rel_err(param.grad, stock_params[name].grad) < 5e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_gpu_fp32_generation_matches_stock(family_name):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    stock, patched = stock_and_patched(family_name, device="cuda")
+    ids, mask = left_padded_batch(device="cuda", length=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
