@@ -8,7 +8,7 @@ import platform
 
 import torch
 
-from .kernels import apply_rope, choose_backend, force_backend, rms_norm, swiglu
+from .kernels import choose_backend
 
 
 def _version(package: str) -> str:
@@ -34,42 +34,20 @@ def cmd_env(_: argparse.Namespace) -> None:
         print(f"{op:<13} {backend}: {reason}")
 
 
-def _kernel_parity(device: torch.device) -> list[tuple[str, float]]:
-    """Max abs difference of each op between the active backend and the PyTorch reference."""
-    torch.manual_seed(0)
-    x, w = torch.randn(64, 256, device=device), torch.rand(256, device=device) + 0.5
-    q, k = torch.randn(2, 8, 16, 64, device=device), torch.randn(2, 2, 16, 64, device=device)
-    angles = torch.randn(2, 16, 32, device=device)
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-    g, u = torch.randn(64, 512, device=device), torch.randn(64, 512, device=device)
-    cases = {
-        "rms_norm": lambda: rms_norm(x, w),
-        "apply_rope": lambda: torch.cat([t.flatten() for t in apply_rope(q, k, cos, sin)]),
-        "swiglu": lambda: swiglu(g, u),
-    }
-    rows = []
-    for name, run in cases.items():
-        active = run()
-        with force_backend("reference"):
-            reference = run()
-        rows.append((name, (active - reference).abs().max().item()))
-    return rows
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
 
-
-def cmd_demo(_: argparse.Namespace) -> None:
-    device = _device()
-    backend, reason = choose_backend(device)
-    print(f"accel-patch demo on {device}: kernels run on the {backend} backend ({reason})")
-    print(f"{'op':<12} {'max |active - reference|':>26}")
-    for name, diff in _kernel_parity(device):
-        print(f"{name:<12} {diff:>26.3e}")
+    run_demo(args.model, steps=args.steps)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="accel-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions, device, and which backend each op uses").set_defaults(func=cmd_env)
-    sub.add_parser("demo", help="check the kernels against their references").set_defaults(func=cmd_demo)
+    demo = sub.add_parser("demo", help="patch a model, check parity, train, generate and time it")
+    demo.add_argument("--model", help="local checkpoint directory (default: a small LLaMA built from a config)")
+    demo.add_argument("--steps", type=int, default=5, help="training steps to run and to time")
+    demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     args.func(args)
 
