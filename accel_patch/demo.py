@@ -65,7 +65,7 @@ def run_demo(model_path: str | None = None, steps: int = 5) -> None:
     print(f"model: {type(stock).__name__} ({n_params / 1e6:.1f}M parameters, {dtype}) on {device}")
     print(f"kernels: {backend} backend ({reason})")
 
-    batch, seq = (4, 512) if device.type == "cuda" else (2, 64)
+    batch, seq = (8, 1024) if device.type == "cuda" else (2, 64)
     vocab = stock.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     with torch.no_grad():

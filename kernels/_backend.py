@@ -50,6 +50,9 @@ def choose(device: torch.device) -> tuple[str, str]:
 
 
 def use_triton(x: torch.Tensor) -> bool:
+    """Hot-path form of :func:`choose` (called on every op; avoids building the reason string)."""
+    if x.is_cuda and TRITON_INSTALLED and _requested() != "reference":
+        return True
     return choose(x.device)[0] == "triton"
 
 
@@ -75,6 +78,9 @@ def check_float(name: str, t: torch.Tensor) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:
+    first, *rest = tensors.values()
+    if all(t.device == first.device for t in rest):
+        return
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())

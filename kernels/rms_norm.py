@@ -254,14 +254,14 @@ def rms_norm(
     """``weight * x / rms(x)``; with ``residual``, returns ``(rms_norm(x + residual), x + residual)``."""
     check_float("x", x)
     check_float("weight", weight)
-    if x.dim() == 0 or weight.shape != (x.shape[-1],):
+    if x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(
             f"weight of shape {tuple(weight.shape)} does not match the last dim of x {tuple(x.shape)}"
         )
     if x.shape[-1] > MAX_WIDTH:
         raise ValueError(f"rms_norm supports rows of at most {MAX_WIDTH} elements, got {x.shape[-1]}")
     if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
+        if tuple(residual.shape) != tuple(x.shape) or residual.dtype != x.dtype:
             raise ValueError(
                 f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}"
             )

@@ -92,9 +92,7 @@ def _rope_triton(q, k, cos, sin, backward, tile_elems=TILE_ELEMS):
     block_s = min(max(tile_elems // (block_q * block_half), 1), triton.next_power_of_2(max(seq, 1)))
     if batch * seq > 0:
         _rope_kernel[(batch * triton.cdiv(seq, block_s),)](
-            q, k, q_out, k_out, cos, sin,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            q, k, q_out, k_out, cos, sin, *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
             sc_b, sc_s, seq, n_q, n_k,
             HALF=half, BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_HALF=block_half,
             BACKWARD=backward, num_warps=8 if block_s * block_q * block_half >= 4096 else 4,
@@ -165,14 +163,15 @@ def apply_rope(
         raise ValueError(
             f"q and k must be [batch, heads, seq, head_dim], got {tuple(q.shape)} and {tuple(k.shape)}"
         )
-    batch, _, seq, head_dim = q.shape
+    # plain tuples: comparing torch.Size goes through symbolic-shape helpers, ~10 µs each
+    batch, _, seq, head_dim = tuple(q.shape)
     if k.shape[0] != batch or k.shape[2] != seq or k.shape[3] != head_dim:
         raise ValueError(f"k {tuple(k.shape)} must share batch, seq and head_dim with q {tuple(q.shape)}")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for half-split rotary embedding, got {head_dim}")
-    if cos.shape != sin.shape:
+    if tuple(cos.shape) != tuple(sin.shape):
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have the same shape")
-    trig_ok = cos.dim() in (2, 3) and cos.shape[-2:] == (seq, head_dim)
+    trig_ok = cos.dim() in (2, 3) and tuple(cos.shape[-2:]) == (seq, head_dim)
     if trig_ok and cos.dim() == 3:
         trig_ok = cos.shape[0] in (1, batch)
     if not trig_ok:

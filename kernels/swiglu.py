@@ -145,7 +145,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` computed in float32, returned in ``gate``'s dtype."""
     check_float("gate", gate)
     check_float("up", up)
-    if gate.shape != up.shape:
+    if tuple(gate.shape) != tuple(up.shape):
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
     if gate.dtype != up.dtype:
         raise TypeError(f"gate ({gate.dtype}) and up ({up.dtype}) must have the same dtype")
