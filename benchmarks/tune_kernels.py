@@ -15,6 +15,7 @@ from common import copy_bandwidth, median_ms
 # the package exports functions of the same names, so fetch the modules themselves
 rms_norm_module = importlib.import_module("accel_patch.kernels.rms_norm")
 rope_module = importlib.import_module("accel_patch.kernels.rope")
+swiglu_module = importlib.import_module("accel_patch.kernels.swiglu")
 
 
 def main() -> None:
@@ -53,6 +54,17 @@ def main() -> None:
             ms = median_ms(lambda q=q, k=k, t=tile: rope_module._rope_triton(q, k, cos, sin, True, t))
             rate = nbytes / ms / 1e-3
             print(f"  {name:<14} {tile:>6}: {rate / 1e9:7.0f} ({rate / copy_bw:.0%})")
+
+    m, n = 16384, 14336
+    g, u, dy = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    print("SwiGLU 16384x14336: block, warps -> fwd GB/s, bwd GB/s")
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            fwd = median_ms(lambda b=block, w=warps: swiglu_module._swiglu_fwd_triton(g, u, b, w))
+            bwd = median_ms(lambda b=block, w=warps: swiglu_module._swiglu_bwd_triton(dy, g, u, b, w))
+            fwd_rate, bwd_rate = 3 * m * n * 2 / fwd / 1e-3, 5 * m * n * 2 / bwd / 1e-3
+            print(f"  {block:>5} {warps:>2}: {fwd_rate / 1e9:6.0f} ({fwd_rate / copy_bw:.0%})"
+                  f" {bwd_rate / 1e9:6.0f} ({bwd_rate / copy_bw:.0%})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ import triton.language as tl
 
 from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
 
-BLOCK = 1024
+# Columns per program and warps, from benchmarks/tune_kernels.py on an H100 at 16384 x 14336 bf16:
+# 8192 x 16 warps reached 99% of copy bandwidth forward and backward (1024 x 4 warps: 96%).
+MAX_BLOCK = 8192
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK, triton.next_power_of_2(n))
+    return block, min(16, max(4, block // 512))
 
 
 @triton.jit
@@ -48,39 +55,31 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _grid(m: int, n: int) -> tuple[int, int]:
-    return (m, triton.cdiv(n, BLOCK))
-
-
-def _swiglu_fwd_triton(gate, up):
+def _swiglu_fwd_triton(gate, up, block=None, warps=None):
     g2, u2 = _rows(gate), _rows(up)
     m, n = g2.shape
+    if block is None:
+        block, warps = _launch_config(n)
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if y.numel():
-        _swiglu_fwd_kernel[_grid(m, n)](g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=BLOCK)
+        _swiglu_fwd_kernel[(m, triton.cdiv(n, block))](
+            g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=block, num_warps=warps
+        )
     return y.view(gate.shape)
 
 
-def _swiglu_bwd_triton(dy, gate, up):
+def _swiglu_bwd_triton(dy, gate, up, block=None, warps=None):
     dy2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
     m, n = g2.shape
+    if block is None:
+        block, warps = _launch_config(n)
     dg = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     du = torch.empty((m, n), dtype=up.dtype, device=up.device)
     if dg.numel():
-        _swiglu_bwd_kernel[_grid(m, n)](
-            dy2,
-            g2,
-            u2,
-            dg,
-            du,
-            dy2.stride(0),
-            g2.stride(0),
-            u2.stride(0),
-            dg.stride(0),
-            du.stride(0),
-            n,
-            BLOCK=BLOCK,
-        )
+        _swiglu_bwd_kernel[(m, triton.cdiv(n, block))](
+            dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), n,
+            BLOCK=block, num_warps=warps,
+        )  # fmt: skip
     return dg.view(gate.shape), du.view(up.shape)
 
 
