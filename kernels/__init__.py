@@ -2,12 +2,15 @@
 
 from ._backend import choose as choose_backend
 from ._backend import force_backend
+from .attention import attention, attention_ref
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import apply_rope, rope_ref
 from .swiglu import swiglu, swiglu_ref
 
 __all__ = [
     "apply_rope",
+    "attention",
+    "attention_ref",
     "choose_backend",
     "force_backend",
     "rms_norm",

@@ -1,0 +1,454 @@
+"""FlashAttention-2-style attention: tiled online softmax, forward and backward, no seq x seq matrix in memory.
+
+q ``[batch, q_heads, seq_q, head_dim]``, k/v ``[batch, kv_heads, seq_k, head_dim]`` (grouped-query heads
+are read in place, never repeated); the output is ``[batch, seq_q, q_heads, head_dim]``, the layout HF's
+attention functions return. Queries are the last ``seq_q`` positions of the keys (a KV cache before them).
+Masks: causal, sliding window (HF's semantics: key ``j`` is seen by query ``i`` when
+``i - window < j <= i``), a 2-D key padding mask, and a dense boolean mask ``[batch or 1, 1, seq_q, seq_k]``
+(what HF builds for SDPA: padding, windows and static-cache positions in one). A query row with no visible
+key outputs zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] boolean: which keys each query may attend to."""
+    q_pos = (offs_m + q_offset)[:, None]
+    keys = offs_n[None, :]
+    ok = (keys < seq_k) & (offs_m < seq_q)[:, None]
+    if IS_CAUSAL:
+        ok &= keys <= q_pos
+    if HAS_WINDOW:
+        ok &= keys > q_pos - window
+    if HAS_KPM:
+        ok &= tl.load(KPM + b * skpm_b + keys, mask=keys < seq_k, other=0) != 0
+    if HAS_MASK:
+        ok &= tl.load(MASK + b * sm_b + offs_m[:, None] * sm_q + keys * sm_k, mask=ok, other=0) != 0
+    return ok
+
+
+@triton.jit
+def _key_range(start_m, seq_k, q_offset, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key blocks a query block can see: skip those the causal and window limits rule out."""
+    lo = 0
+    hi = seq_k
+    if IS_CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + q_offset)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, start_m + q_offset - window + 1) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, OUT, LSE, MASK, KPM,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_s, so_h,
+    sm_b, sm_q, sm_k, skpm_b,
+    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(1) // n_q_heads
+    h = tl.program_id(1) % n_q_heads
+    kv_h = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+                mask=(offs_m < seq_q)[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        k_ok = keys < seq_k
+        k = tl.load(k_base + keys[None, :] * sk_s + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+        ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                      IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + keys[:, None] * sv_s + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=(offs_m < seq_q)[:, None] & d_ok[None, :])
+    # base-2 logsumexp; +inf for empty rows makes every probability 0 in the backward
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + (b * n_q_heads + h) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h,
+    sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s, sm_b, sm_q, sm_k, skpm_b,
+    n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One program owns a block of keys of one KV head and sums over every query head of its group,
+    # so grouped-query gradients need no atomics.
+    start_n = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(1) // n_kv_heads
+    kv_h = tl.program_id(1) % n_kv_heads
+    keys = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = (keys < seq_k)[:, None] & d_ok[None, :]
+    k = tl.load(K + b * sk_b + kv_h * sk_h + keys[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + kv_h * sv_h + keys[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    hi = seq_q
+    if IS_CAUSAL:
+        lo = tl.maximum(0, start_n - q_offset) // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(seq_q, start_n + BLOCK_N - 1 + window - q_offset)
+    for g in range(0, group):
+        h = kv_h * group + g
+        q_base = Q + b * sq_b + h * sq_h
+        do_base = DO + b * sdo_b + h * sdo_h
+        row_base = (b * n_q_heads + h) * seq_q
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < seq_q
+            q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    dk_ptrs = DK + b * sdk_b + kv_h * sdk_h + keys[:, None] * sdk_s + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    dv_ptrs = DV + b * sdv_b + kv_h * sdv_h + keys[:, None] * sdv_s + offs_d[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h, sdq_b, sdq_h, sdq_s,
+    sm_b, sm_q, sm_k, skpm_b,
+    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(1) // n_q_heads
+    h = tl.program_id(1) % n_q_heads
+    kv_h = h // group
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seq_q
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :],
+                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    row_base = (b * n_q_heads + h) * seq_q
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = K + b * sk_b + kv_h * sk_h
+    v_base = V + b * sv_b + kv_h * sv_h
+    lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        kv_mask = (keys < seq_k)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + keys[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                      IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq_ptrs = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1  # the CPU interpreter: small tiles keep tests fast
+    if head_dim <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
+
+
+def _bwd_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    if device.type != "cuda":
+        return 16, 16, 4, 1
+    if head_dim <= 128:
+        return 64, 64, 8, 2
+    return 32, 32, 8, 1
+
+
+def _mask_args(attn_mask, key_padding_mask, q):
+    """Kernel arguments for the optional masks (a dummy pointer and zero strides when absent)."""
+    dummy = q
+    if attn_mask is not None:
+        mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+        strides = (0 if mask.shape[0] == 1 else mask.stride(0), mask.stride(2), mask.stride(3))
+    else:
+        mask, strides = dummy, (0, 0, 0)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+        kpm_stride = kpm.stride(0)
+    else:
+        kpm, kpm_stride = dummy, 0
+    return mask, strides, kpm, kpm_stride
+
+
+def _flags(attn_mask, key_padding_mask, causal, window, dtype):
+    return dict(
+        IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+
+
+def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
+    batch, n_q, seq_q, head_dim = q.shape
+    n_kv, seq_k = k.shape[1], k.shape[2]
+    out = torch.empty((batch, seq_q, n_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_q, seq_q), dtype=torch.float32, device=q.device)
+    block_m, block_n, warps, stages = _blocks(head_dim, q.device)
+    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
+    if out.numel():
+        _attn_fwd_kernel[(triton.cdiv(seq_q, block_m), batch * n_q)](
+            q, k, v, out, lse, mask, kpm,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            sm_b, sm_q, sm_k, skpm_b,
+            n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages, **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
+        )  # fmt: skip
+    return out, lse
+
+
+def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):
+    batch, n_q, seq_q, head_dim = q.shape
+    n_kv, seq_k = k.shape[1], k.shape[2]
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [batch, heads, seq_q]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    block_m, block_n, warps, stages = _bwd_blocks(head_dim, q.device)
+    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
+    common = dict(
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
+    )  # fmt: skip
+    if dout.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _attn_bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), batch * n_kv)](
+        q, k, v, dout, lse, delta, dk, dv, mask, kpm,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        sm_b, sm_q, sm_k, skpm_b,
+        n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
+    )  # fmt: skip
+    _attn_bwd_dq_kernel[(triton.cdiv(seq_q, block_m), batch * n_q)](
+        q, k, v, dout, lse, delta, dq, mask, kpm,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
+        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def visible_keys(
+    seq_q: int, seq_k: int, *, causal: bool, window: int, attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, device: torch.device,
+) -> torch.Tensor:
+    """Boolean ``[batch or 1, 1, seq_q, seq_k]``: which keys each query sees (the reference's mask)."""
+    q_pos = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
+    keys = torch.arange(seq_k, device=device)[None, :]
+    ok = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if causal:
+        ok &= keys <= q_pos
+    if window > 0:
+        ok &= keys > q_pos - window
+    ok = ok[None, None]
+    if key_padding_mask is not None:
+        ok = ok & key_padding_mask.bool()[:, None, None, :]
+    if attn_mask is not None:
+        ok = ok & attn_mask.bool()
+    return ok
+
+
+def attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, causal: bool, window: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax in float32 with the same masks; returns ``(out [b, s, h, d], base-2 lse)``."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    ok = visible_keys(q.shape[2], k.shape[2], causal=causal, window=window, attn_mask=attn_mask,
+                      key_padding_mask=key_padding_mask, device=q.device)  # fmt: skip
+    scores = scores.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    empty = torch.isneginf(lse)
+    probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None]).masked_fill(~ok, 0.0)
+    out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype).contiguous()
+    return out, (lse * LOG2E).masked_fill(empty, float("inf"))
+
+
+def _attn_bwd_ref(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):
+    """Analytic backward in float32 (no autograd: custom-op bodies run below the autograd key)."""
+    batch, n_q, seq_q, head_dim = q.shape
+    n_kv, seq_k = k.shape[1], k.shape[2]
+    group = n_q // n_kv
+    qf, dof = q.float(), dout.float().transpose(1, 2)  # [b, h, s, d]
+    kf, vf = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    ok = visible_keys(seq_q, seq_k, causal=causal, window=window, attn_mask=attn_mask,
+                      key_padding_mask=key_padding_mask, device=q.device)  # fmt: skip
+    probs = torch.exp2(torch.matmul(qf, kf.transpose(-1, -2)) * (scale * LOG2E) - lse[..., None]).masked_fill(~ok, 0)
+    delta = (dof * out.float().transpose(1, 2)).sum(-1, keepdim=True)
+    dscores = probs * (torch.matmul(dof, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(dscores, kf) * scale
+    dk = torch.matmul(dscores.transpose(-1, -2), qf).view(batch, n_kv, group, seq_k, head_dim).sum(2) * scale
+    dv = torch.matmul(probs.transpose(-1, -2), dof).view(batch, n_kv, group, seq_k, head_dim).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None, causal: bool, window: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale)
+    return attention_ref(q, k, v, attn_mask, key_padding_mask, causal, window, scale)
+
+
+def _backward_impl(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, causal: bool, window: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(q):
+        return _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale)
+    return _attn_bwd_ref(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale)
+
+
+_forward_op = torch.library.custom_op("accel_patch::attention", _forward, mutates_args=())
+_backward_op = torch.library.custom_op("accel_patch::attention_backward", _backward_impl, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
+    batch, n_q, seq_q, head_dim = q.shape
+    return q.new_empty((batch, seq_q, n_q, head_dim)), q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_attention_backward = eager_or_compiled(_backward_op, _backward_impl)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, key_padding_mask, causal, window, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, key_padding_mask)
+    ctx.options = (causal, window, scale)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_backward(dout.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention = differentiable(_forward_op, _forward, _setup_context, _backward)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, sliding_window: int | None = None,
+    key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None, scale: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention; returns ``[batch, seq_q, q_heads, head_dim]``.
+
+    ``key_padding_mask``: ``[batch, seq_k]``, nonzero where a key is real. ``attn_mask``: boolean
+    ``[batch or 1, 1, seq_q, seq_k]``, True where a query may see a key (combined with ``causal`` and
+    ``sliding_window``). ``scale`` defaults to ``head_dim ** -0.5``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+    if q.dim() != 4 or k.dim() != 4 or tuple(k.shape) != tuple(v.shape):
+        raise ValueError(
+            f"q must be [batch, heads, seq, head_dim] and k, v [batch, kv_heads, seq_k, head_dim] alike; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    batch, n_q, seq_q, head_dim = tuple(q.shape)
+    _, n_kv, seq_k, kv_dim = tuple(k.shape)
+    if k.shape[0] != batch or kv_dim != head_dim:
+        raise ValueError(f"k/v {tuple(k.shape)} must share batch and head_dim with q {tuple(q.shape)}")
+    if n_q % n_kv:
+        raise ValueError(f"{n_q} query heads are not a multiple of {n_kv} key/value heads")
+    if seq_q > seq_k:
+        raise ValueError(f"seq_q={seq_q} exceeds seq_k={seq_k}: queries must be the last positions of the keys")
+    if head_dim > 256:
+        raise ValueError(f"head_dim {head_dim} is larger than the 256 the kernel supports")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seq_k):
+        raise ValueError(f"key_padding_mask must be [{batch}, {seq_k}], got {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
+        if attn_mask.dim() != 4 or attn_mask.shape[0] not in (1, batch) or attn_mask.shape[1] != 1 or tuple(
+            attn_mask.shape[2:]
+        ) != (seq_q, seq_k):
+            raise ValueError(f"attn_mask must be [{batch} or 1, 1, {seq_q}, {seq_k}], got {tuple(attn_mask.shape)}")
+    masks = {name: t for name, t in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)) if t is not None}
+    check_same_device(q=q, k=k, v=v, **masks)
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    out, _ = _attention(q, k, v, attn_mask, key_padding_mask, bool(causal), int(sliding_window or 0), scale)
+    return out
+

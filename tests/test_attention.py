@@ -1,0 +1,146 @@
+"""Triton flash attention against an explicit float64 softmax built from independently written masks."""
+
+import pytest
+import torch
+
+from accel_patch.kernels import attention, force_backend
+
+from helpers import TOL, backends_for, rel_err
+
+
+def allowed64(seq_q, seq_k, *, causal, window, key_padding, dense, batch):
+    """Which keys each query sees, written out position by position (float64 test reference)."""
+    ok = torch.zeros(batch, seq_q, seq_k, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(seq_q):
+            pos = i + seq_k - seq_q  # queries are the last seq_q positions
+            for j in range(seq_k):
+                visible = (not causal or j <= pos) and (not window or j > pos - window)
+                if key_padding is not None:
+                    visible = visible and bool(key_padding[b, j])
+                if dense is not None:
+                    visible = visible and bool(dense[b if dense.shape[0] > 1 else 0, 0, i, j])
+                ok[b, i, j] = visible
+    return ok
+
+
+def attention64(q, k, v, ok, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~ok[:, None], float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with no visible key give zeros
+    return (probs @ v).transpose(1, 2)
+
+
+CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, mask kind)
+    "causal": (2, 4, 4, 17, 17, "causal"),
+    "gqa4_causal_len1": (1, 4, 1, 1, 1, "causal"),
+    "gqa2_cache_offset": (2, 4, 2, 5, 21, "causal"),
+    "decode_one_query": (2, 4, 1, 1, 33, "causal"),
+    "sliding_window": (1, 2, 1, 40, 40, "window"),
+    "left_padding": (3, 4, 2, 19, 19, "left_pad"),
+    "right_padding": (2, 2, 2, 19, 19, "right_pad"),
+    "dense_hf_mask": (2, 4, 2, 18, 18, "dense"),
+    "not_causal": (1, 2, 2, 9, 13, "none"),
+    "long_129": (1, 2, 1, 129, 129, "causal"),
+}
+
+
+def _inputs(case, head_dim, dtype, device):
+    batch, n_q, n_kv, seq_q, seq_k, kind = CASES[case]
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    shapes = ((n_q, seq_q), (n_kv, seq_k), (n_kv, seq_k))
+    q, k, v = (torch.randn(batch, h, s, head_dim, generator=gen) for h, s in shapes)
+    kwargs = dict(causal=kind != "none")
+    key_padding = dense = None
+    window = 0
+    if kind == "window":
+        window = 7
+        kwargs["sliding_window"] = window
+    if kind in ("left_pad", "right_pad"):
+        key_padding = torch.ones(batch, seq_k, dtype=torch.int64)
+        for b in range(1, batch):
+            pad = 3 * b
+            if kind == "left_pad":
+                key_padding[b, :pad] = 0
+            else:
+                key_padding[b, seq_k - pad :] = 0
+        kwargs["key_padding_mask"] = key_padding.to(device)
+    if kind == "dense":
+        dense = torch.rand(batch, 1, seq_q, seq_k, generator=gen) > 0.3
+        kwargs["attn_mask"] = dense.to(device)
+    ok = allowed64(seq_q, seq_k, causal=kind != "none", window=window, key_padding=key_padding, dense=dense,
+                   batch=batch)  # fmt: skip
+    return [t.to(device, dtype) for t in (q, k, v)], kwargs, ok
+
+
+CPU_HEAD_DIMS = [16, 80]
+GPU_HEAD_DIMS = [64, 80, 96, 128, 256]
+PARAMS = [
+    ("cpu", d, dt, be) for d in CPU_HEAD_DIMS for dt in (torch.float32, torch.float16) for be in backends_for("cpu")
+]
+PARAMS += [pytest.param("cuda", d, torch.bfloat16, "triton", marks=pytest.mark.gpu) for d in GPU_HEAD_DIMS]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("device,head_dim,dtype,backend", PARAMS)
+def test_attention_forward_and_gradients(case, device, head_dim, dtype, backend):
+    (q, k, v), kwargs, ok = _inputs(case, head_dim, dtype, device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    scale = head_dim**-0.5
+    expected = attention64(*leaves64, ok, scale)
+    with force_backend(backend):
+        out = attention(*leaves, **kwargs)
+        assert out.shape == expected.shape and out.dtype == dtype
+        assert rel_err(out.cpu(), expected) < TOL[dtype]
+        dout = torch.randn_like(expected)
+        (expected * dout).sum().backward()
+        (out.double() * dout.to(device)).sum().backward()
+    for name, ours, ref in zip("qkv", leaves, leaves64, strict=True):
+        if ref.grad.norm() > 0:
+            assert rel_err(ours.grad.cpu(), ref.grad) < 2 * TOL[dtype], f"d{name}"
+        else:  # e.g. dq with a single visible key: zero up to rounding
+            assert ours.grad.abs().max() < TOL[dtype], f"d{name} should be zero"
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_fully_masked_rows_output_zeros(backend):
+    q, k, v = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
+    dense = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    dense[0, 0, 2] = False  # query 2 sees nothing
+    with force_backend(backend):
+        out = attention(q, k, v, attn_mask=dense)
+    assert torch.isfinite(out).all() and out[0, 2].abs().max() == 0
+
+
+def test_attention_bad_inputs():
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="not a multiple"):
+        attention(q, torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16))
+    with pytest.raises(ValueError, match="exceeds seq_k"):
+        attention(torch.randn(1, 4, 6, 16), k, k)
+    with pytest.raises(TypeError, match="boolean"):
+        attention(q, k, k, attn_mask=torch.zeros(1, 1, 5, 5))
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        attention(q, k, k, key_padding_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="head_dim"):
+        attention(q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention(q, k.half(), k)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_attention_compiles_fullgraph(backend):
+    q, k, v = (torch.randn(1, h, 9, 16, requires_grad=True) for h in (4, 2, 2))
+
+    def fn(q, k, v):
+        return attention(q, k, v, sliding_window=4).square().sum()
+
+    torch._dynamo.reset()
+    with force_backend(backend):
+        expected = torch.autograd.grad(fn(q, k, v), (q, k, v))
+        got = torch.autograd.grad(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v), (q, k, v))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
