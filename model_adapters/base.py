@@ -95,7 +95,9 @@ def patch_decoder(
             if adapter.qk_norm and getattr(layer.self_attn, "q_norm", None) is None:
                 raise ValueError(f"{adapter.model_type} attention is declared with q/k norms but has none")
             window = adapter.sliding_window(config, layer_idx)
-            layer.self_attn = Attention(layer.self_attn, sliding_window=window, use_rope_kernel=rope)
+            layer.self_attn = Attention(
+                layer.self_attn, sliding_window=window, use_rope_kernel=rope, use_attention_kernel=attention
+            )
             swapped["attention"] += int(attention)
             swapped["rope"] += int(rope)
     return swapped

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from ..kernels import apply_rope, rms_norm, swiglu
+from ..kernels._backend import use_triton
+from .hf_attention import accel_triton_attention
 
 
 class KernelModule(nn.Module):
@@ -67,11 +69,14 @@ def _stock_function(stock: nn.Module, name: str) -> Callable:
 class Attention(KernelModule):
     """Projections, optional q/k RMSNorm (Qwen3), RoPE, KV-cache update, attention, output projection.
 
-    The attention computation goes through HF's attention interface for ``config._attn_implementation``
-    (sdpa, eager, ...), so masks, padding and sliding windows behave exactly as in the stock model.
+    Where the Triton kernels run (CUDA, or the CPU interpreter), the attention itself is the Triton
+    flash-attention kernel, fed the mask HF built for the model; elsewhere (or with ``attention=False``)
+    it is HF's attention function for ``config._attn_implementation``.
     """
 
-    def __init__(self, stock: nn.Module, *, sliding_window: int | None, use_rope_kernel: bool) -> None:
+    def __init__(
+        self, stock: nn.Module, *, sliding_window: int | None, use_rope_kernel: bool, use_attention_kernel: bool
+    ) -> None:
         super().__init__(stock)
         for name in ("config", "layer_idx", "head_dim", "num_key_value_groups", "scaling", "attention_dropout",
                      "is_causal"):  # fmt: skip
@@ -80,6 +85,7 @@ class Attention(KernelModule):
         self.q_norm = getattr(stock, "q_norm", None)
         self.k_norm = getattr(stock, "k_norm", None)
         self.sliding_window = sliding_window
+        self.use_attention_kernel = use_attention_kernel
         self.rotate = apply_rope if use_rope_kernel else _stock_function(stock, "apply_rotary_pos_emb")
         self.eager_attention = _stock_function(stock, "eager_attention_forward")
 
@@ -104,7 +110,10 @@ class Attention(KernelModule):
         query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
+        if self.use_attention_kernel and use_triton(query):
+            attention = accel_triton_attention
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)
         output, weights = attention(
             self, query, key, value, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,

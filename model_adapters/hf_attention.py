@@ -1,0 +1,62 @@
+"""The Triton attention kernel as an HF attention function, registered as ``attn_implementation="accel_triton"``.
+
+HF passes each attention function the mask built for the model's attention implementation: a 4-D boolean
+(SDPA style), a 4-D additive float (eager), a 2-D padding mask (flash style), or None when plain causal
+attention is exact. All four are accepted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels import attention
+
+ATTENTION_NAME = "accel_triton"  # no "flash"/"sdpa"/"flex" in it: those names take special paths in HF
+
+
+def accel_triton_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF attention-interface signature: q ``(B, Hq, Sq, D)``, k/v ``(B, Hkv, Sk, D)`` -> ``(B, Sq, Hq, D)``."""
+    if dropout:
+        raise ValueError(
+            f"the accel_triton attention kernel has no dropout, but dropout={dropout} was requested while training; "
+            "set config.attention_dropout=0.0, or patch_model(model, attention=False) to keep HF's attention"
+        )
+    dense = key_padding = None
+    window = None
+    if attention_mask is None:
+        window = sliding_window  # a 4-D mask already carries the window, with the cache's true positions
+    elif attention_mask.dim() == 2:
+        key_padding = attention_mask
+    elif attention_mask.dtype == torch.bool:
+        dense = attention_mask
+    else:
+        dense = attention_mask == 0  # additive mask: 0 where attending, a large negative elsewhere
+    if dense is not None and dense.shape[1] != 1:
+        raise ValueError(f"per-head attention masks {tuple(dense.shape)} are not supported by accel_triton")
+    if dense is not None and dense.shape[-1] != key.shape[2]:
+        dense = dense[..., : key.shape[2]]  # HF may build masks over a longer (static) cache
+    output = attention(
+        query, key, value, causal=getattr(module, "is_causal", True), sliding_window=window,
+        key_padding_mask=key_padding, attn_mask=dense, scale=scaling,
+    )  # fmt: skip
+    return output, None
+
+
+def register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, accel_triton_attention)
+    # Without a mask function under the same name, HF would hand this attention no mask at all.
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
