@@ -7,48 +7,18 @@ time. Eager times (host overhead included) are reported beside them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from accel_patch.kernels import apply_rope, rms_norm, swiglu
 
-from common import copy_bandwidth, has, median_ms, write_table
+from common import copy_bandwidth, graph_ms, has, median_ms, pass_step, write_table
 
 TOKENS, HIDDEN, INTERMEDIATE, Q_HEADS, KV_HEADS, HEAD_DIM = 16384, 4096, 14336, 32, 8, 128
 BATCH, SEQ = 4, 4096  # TOKENS = BATCH * SEQ for RoPE
 DT = torch.bfloat16
 EPS = 1e-5
-
-
-def _step(run: Callable[[], tuple[torch.Tensor, ...]], backward: bool) -> Callable[[], None]:
-    if not backward:
-
-        def forward():
-            with torch.no_grad():
-                run()
-
-        return forward
-    grads = [torch.randn_like(t) for t in run()]
-    return lambda: torch.autograd.backward(run(), grads)
-
-
-def _graph_ms(step: Callable[[], None], leaves: list[torch.Tensor]) -> float:
-    """Median time of CUDA-graph replays of ``step``: device work only, no host launch overhead."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    for leaf in leaves:
-        leaf.grad = None  # captured as a fresh write, so each replay overwrites rather than accumulates
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return median_ms(graph.replay)
 
 
 def _impls_rms_norm():
@@ -126,9 +96,9 @@ def main() -> None:
         for label, backward, nbytes in (("fwd", False, bytes_fwd), ("fwd+bwd", True, bytes_fwd_bwd)):
             graph, eager = {}, {}
             for name, run in impls.items():
-                step = _step(run, backward)
+                step = pass_step(run, backward)
                 eager[name] = median_ms(step, grad_to_none=leaves)
-                graph[name] = _graph_ms(step, leaves)
+                graph[name] = graph_ms(step, leaves)
             for name, ms in graph.items():
                 rate = nbytes / (ms * 1e-3)
                 rows.append([op, label, name, f"{ms:.3f}", f"{rate / 1e9:.0f}", f"{rate / copy_bw:.0%}",

@@ -18,6 +18,35 @@ def median_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None 
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
+def pass_step(run: Callable[[], tuple[torch.Tensor, ...]], backward: bool) -> Callable[[], None]:
+    """A callable running the forward pass, or forward and backward with fixed random output grads."""
+    if not backward:
+
+        def forward():
+            with torch.no_grad():
+                run()
+
+        return forward
+    grads = [torch.randn_like(t) for t in run()]
+    return lambda: torch.autograd.backward(run(), grads)
+
+
+def graph_ms(step: Callable[[], None], leaves: list[torch.Tensor]) -> float:
+    """Median time of CUDA-graph replays of ``step``: device work only, no host launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for leaf in leaves:
+        leaf.grad = None  # captured as a fresh write, so each replay overwrites rather than accumulates
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return median_ms(graph.replay)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     src = torch.randn(512 * 2**20, device="cuda", dtype=torch.bfloat16)  # 1 GiB

@@ -292,3 +292,39 @@ def test_gpu_bf16_training_follows_stock(family_name):
         curves.append(torch.tensor(losses))
     assert curves[0][-1] < curves[0][0] - 0.5
     assert rel_err(curves[1], curves[0]) < 2e-2
+
+
+def test_attn_implementation_accel_triton_on_a_stock_model(backend):
+    torch.manual_seed(0)
+    config = tiny_config("qwen2")
+    sdpa = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ours = AutoModelForCausalLM.from_config(config, attn_implementation="accel_triton").eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids, mask = left_padded_batch()
+    expected = sdpa(ids, attention_mask=mask).logits[mask.bool()]
+    assert rel_err(ours(ids, attention_mask=mask).logits[mask.bool()], expected) < 1e-4
+
+
+def test_attention_dropout_while_training(backend):
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config("llama", attention_dropout=0.5), attn_implementation="sdpa")
+    patched = patch_model(stock).train()
+    ids = torch.randint(3, VOCAB, (1, 8))
+    if backend == "triton":  # the kernel cannot drop attention weights: it says so instead of ignoring it
+        with pytest.raises(ValueError, match="no dropout"):
+            patched(ids)
+    else:  # HF's attention runs and honours the dropout: two calls differ
+        assert not torch.equal(patched(ids).logits, patched(ids).logits)
+    patched.eval()  # no dropout at inference: both paths run and agree with themselves
+    assert torch.equal(patched(ids).logits, patched(ids).logits)
+
+
+@pytest.mark.gpu
+def test_gpu_profile_shows_triton_attention_and_no_sdpa():
+    stock, patched = stock_and_patched("llama", dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(3, VOCAB, (2, 64), device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        patched(ids, labels=ids).loss.backward()
+    names = {event.name for event in prof.events()}
+    assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} <= names, sorted(names)
+    assert not [n for n in names if "scaled_dot_product" in n or "flash" in n.lower() or "fmha" in n.lower()]

@@ -1,0 +1,84 @@
+"""Causal attention, bf16: our Triton kernel vs scaled_dot_product_attention with each backend, one run.
+
+Training shapes report TFLOP/s (causal forward = 2·B·H·N²·D, forward+backward 3.5x that); decode
+(one query per sequence) reports GB/s of K and V read against the measured copy bandwidth.
+Run on a CUDA GPU: ``python benchmarks/bench_attention.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from accel_patch.kernels import attention
+
+from common import copy_bandwidth, graph_ms, median_ms, pass_step, write_table
+
+DT = torch.bfloat16
+TRAIN_SHAPES = [(4, 32, 32, 2048), (1, 32, 32, 8192), (8, 32, 8, 1024)]  # batch, q heads, kv heads, seq
+SDPA_BACKENDS = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION,
+                 "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
+
+
+def _impls(q, k, v):
+    gqa = q.shape[1] != k.shape[1]
+    impls = {"ours": lambda: (attention(q, k, v),)}
+    for name, backend in SDPA_BACKENDS.items():
+
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return (F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa),)
+
+        impls[name] = run
+    return impls
+
+
+def main() -> None:
+    copy_bw = copy_bandwidth()
+    rows, decode_rows, notes = [], [], []
+    for head_dim in (128, 64):
+        for batch, n_q, n_kv, seq in TRAIN_SHAPES:
+            q = torch.randn(batch, n_q, seq, head_dim, device="cuda", dtype=DT, requires_grad=True)
+            k, v = (torch.randn(batch, n_kv, seq, head_dim, device="cuda", dtype=DT, requires_grad=True)
+                    for _ in range(2))  # fmt: skip
+            flops = 2 * batch * n_q * seq * seq * head_dim
+            results = {}
+            for name, run in _impls(q, k, v).items():
+                try:
+                    fwd = median_ms(pass_step(run, False))
+                    fwd_bwd = median_ms(pass_step(run, True), grad_to_none=[q, k, v])
+                except RuntimeError as error:  # a backend that does not take this shape
+                    notes.append(f"{name} on ({batch}, {n_q}/{n_kv}, {seq}, {head_dim}): {str(error).splitlines()[0]}")
+                    continue
+                results[name] = (flops / fwd / 1e9, 3.5 * flops / fwd_bwd / 1e9)
+            for name, (fwd_tf, bwd_tf) in results.items():
+                rows.append([f"({batch}, {n_q}/{n_kv}, {seq}, {head_dim})", name, f"{fwd_tf:.0f}", f"{bwd_tf:.0f}",
+                             f"{results['ours'][0] / fwd_tf:.2f}x", f"{results['ours'][1] / bwd_tf:.2f}x"])
+            del q, k, v
+    for batch in (1, 16, 64):
+        for kv_len in (4096, 32768):
+            if batch * kv_len > 64 * 8192:
+                continue
+            q = torch.randn(batch, 32, 1, 128, device="cuda", dtype=DT)
+            k, v = (torch.randn(batch, 8, kv_len, 128, device="cuda", dtype=DT) for _ in range(2))
+            kv_bytes = 2 * k.numel() * k.element_size()
+            for name, run in _impls(q, k, v).items():
+                try:
+                    ms = graph_ms(pass_step(run, False), [])
+                except RuntimeError as error:
+                    notes.append(f"decode {name} b{batch} kv{kv_len}: {str(error).splitlines()[0]}")
+                    continue
+                rate = kv_bytes / (ms * 1e-3)
+                decode_rows.append([f"b{batch} kv{kv_len}", name, f"{ms * 1e3:.1f}", f"{rate / 1e9:.0f}",
+                                    f"{rate / copy_bw:.0%}"])
+    header = ["shape (B, Hq/Hkv, N, D) causal", "implementation", "fwd TFLOP/s", "fwd+bwd TFLOP/s",
+              "ours / this (fwd)", "ours / this (fwd+bwd)"]
+    write_table("attention", "Causal attention, bf16", header, rows, notes)
+    write_table("attention-decode", "Decode attention (1 query; 32 query / 8 KV heads x 128), bf16",
+                ["batch, KV length", "implementation", "µs (graph replay)", "GB/s of K+V", "of copy BW"], decode_rows,
+                [f"copy bandwidth measured in this run: {copy_bw / 1e9:.0f} GB/s"])
+
+
+if __name__ == "__main__":
+    main()
