@@ -206,6 +206,61 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _attn_decode_kernel(
+    Q, K, V, PART_OUT, PART_LSE, MASK, KPM,
+    sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_k, skpm_b,
+    n_kv_heads, group, seq_k, window, keys_per_split, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Flash-decoding: one query per sequence, the keys split across programs so that even batch 1 fills the
+    # GPU. The query heads sharing a KV head form the rows of one tile, so K and V are read once per group.
+    split = tl.program_id(0)
+    b = tl.program_id(1) // n_kv_heads
+    kv_h = tl.program_id(1) % n_kv_heads
+    rows = tl.arange(0, BLOCK_G)
+    heads = kv_h * group + rows
+    row_ok = rows < group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, seq_k)
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k_ok = keys < end
+        k = tl.load(K + b * sk_b + kv_h * sk_h + keys[None, :] * sk_s + offs_d[:, None],
+                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_WINDOW:
+            k_ok &= keys > seq_k - 1 - window
+        if HAS_KPM:
+            k_ok &= tl.load(KPM + b * skpm_b + keys, mask=k_ok, other=0) != 0
+        if HAS_MASK:
+            k_ok &= tl.load(MASK + b * sm_b + keys * sm_k, mask=k_ok, other=0) != 0
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * sv_b + kv_h * sv_h + keys[:, None] * sv_s + offs_d[None, :],
+                    mask=(keys < end)[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    part = (b * n_kv_heads * group + heads) * n_splits + split
+    tl.store(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
+             mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(PART_LSE + part, lse, mask=row_ok)
+
+
 def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel."""
     if device.type != "cuda":
@@ -247,6 +302,8 @@ def _flags(attn_mask, key_padding_mask, causal, window, dtype):
 
 
 def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
+    if q.shape[2] == 1 and q.numel():  # decode; causality is implicit for the last position
+        return _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale)
     batch, n_q, seq_q, head_dim = q.shape
     n_kv, seq_k = k.shape[1], k.shape[2]
     out = torch.empty((batch, seq_q, n_q, head_dim), dtype=q.dtype, device=q.device)
@@ -264,6 +321,46 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
             num_warps=warps, num_stages=stages, **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
         )  # fmt: skip
     return out, lse
+
+
+DECODE_BLOCK_N = 64
+
+
+def _decode_splits(batch_kv: int, seq_k: int, device: torch.device) -> int:
+    """Enough key splits that batch x kv_heads x splits programs fill the GPU twice over."""
+    # on the CPU interpreter, 16 still splits the test sequences several ways
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    return max(1, min(triton.cdiv(target, batch_kv), triton.cdiv(seq_k, DECODE_BLOCK_N)))
+
+
+def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
+    """One query per sequence: split-K partial softmaxes, merged by their log-sum-exps."""
+    batch, n_q, _, head_dim = q.shape
+    n_kv, seq_k = k.shape[1], k.shape[2]
+    group = n_q // n_kv
+    splits = _decode_splits(batch * n_kv, seq_k, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(seq_k, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    splits = triton.cdiv(seq_k, keys_per_split)
+    part_out = torch.empty((batch, n_q, splits, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, n_q, splits), dtype=torch.float32, device=q.device)
+    mask, (sm_b, _, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
+    flags = _flags(attn_mask, key_padding_mask, True, window, q.dtype)
+    _attn_decode_kernel[(splits, batch * n_kv)](
+        q, k, v, part_out, part_lse, mask, kpm,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        sm_b, sm_k, skpm_b, n_kv, group, seq_k, window, keys_per_split, splits, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=DECODE_BLOCK_N,
+        HAS_WINDOW=flags["HAS_WINDOW"], HAS_MASK=flags["HAS_MASK"], HAS_KPM=flags["HAS_KPM"],
+        DOT_PRECISION=flags["DOT_PRECISION"], num_warps=4,
+    )  # fmt: skip
+    lse_max = part_lse.amax(-1, keepdim=True)
+    empty = torch.isneginf(lse_max)
+    weights = torch.exp2(part_lse - lse_max.masked_fill(empty, 0.0))  # 0 for empty splits
+    total = weights.sum(-1, keepdim=True)
+    out = (weights[..., None] * part_out).sum(-2) / total.clamp_min(1e-30)
+    lse = torch.where(empty, float("inf"), lse_max + torch.log2(total.clamp_min(1e-30)))
+    return out.to(q.dtype)[:, None], lse  # [batch, 1, heads, head_dim], [batch, heads, 1]
 
 
 def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):

@@ -44,6 +44,10 @@ CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, mask kind)
     "dense_hf_mask": (2, 4, 2, 18, 18, "dense"),
     "not_causal": (1, 2, 2, 9, 13, "none"),
     "long_129": (1, 2, 1, 129, 129, "causal"),
+    # one query per sequence: the split-K decode kernel
+    "decode_long_padded": (2, 8, 2, 1, 300, "left_pad"),
+    "decode_window": (1, 4, 1, 1, 150, "window"),
+    "decode_dense_mask": (2, 4, 2, 1, 90, "dense"),
 }
 
 
