@@ -16,7 +16,44 @@ from common import copy_bandwidth, median_ms
 rms_norm_module = importlib.import_module("accel_patch.kernels.rms_norm")
 rope_module = importlib.import_module("accel_patch.kernels.rope")
 swiglu_module = importlib.import_module("accel_patch.kernels.swiglu")
+attention_module = importlib.import_module("accel_patch.kernels.attention")
 
+
+def _sweep(title: str, configs, run, flops: float) -> None:
+    print(title)
+    for config in configs:
+        try:
+            print(f"  {config}: {flops / median_ms(lambda c=config: run(c)) / 1e9:5.0f}")
+        except Exception as error:  # out of shared memory or registers at this config
+            print(f"  {config}: failed {type(error).__name__}")
+
+
+def _tune_attention_dim(d: int) -> None:
+    b, h, n = 4, 32, 2048
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 2 * b * h * n * n * d
+    out, lse = attention_module._attn_fwd_triton(q, k, v, None, None, True, 0, d**-0.5)
+    dout = torch.randn_like(out)  # [b, n, h, d], the output's layout
+
+    def forward(config):
+        return attention_module._attn_fwd_triton(q, k, v, None, None, True, 0, d**-0.5, config)
+
+    def backward(config):
+        return attention_module._attn_bwd_triton(dout, q, k, v, out, lse, None, None, True, 0, d**-0.5, config)
+
+    fwd_configs = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                   (128, 64, 8, 4), (64, 128, 4, 3))  # fmt: skip
+    bwd_configs = ((64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2),
+                   (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3))  # fmt: skip
+    _sweep(f"attention fwd (4, 32, 2048, {d}) causal: BLOCK_M, BLOCK_N, warps, stages -> TFLOP/s", fwd_configs,
+           forward, flops)  # fmt: skip
+    _sweep(f"attention bwd (4, 32, 2048, {d}) causal -> TFLOP/s (2.5x forward FLOPs)", bwd_configs, backward,
+           2.5 * flops)  # fmt: skip
+
+
+def tune_attention() -> None:
+    for d in (128, 64):
+        _tune_attention_dim(d)
 
 def main() -> None:
     copy_bw = copy_bandwidth()
@@ -68,4 +105,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    tune_attention() if "attention" in sys.argv[1:] else main()
