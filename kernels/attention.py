@@ -273,8 +273,8 @@ def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
 def _bwd_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
     if device.type != "cuda":
         return 16, 16, 4, 1
-    if head_dim <= 128:
-        return 64, 64, 8, 2
+    if head_dim <= 128:  # H100 sweep at (4, 32, 2048, 128): 230 TFLOP/s vs 128 with 8 warps
+        return 64, 64, 4, 2
     return 32, 32, 8, 1
 
 
