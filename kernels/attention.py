@@ -21,6 +21,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_rows(base, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr):
+    """[rows, BLOCK_D] tile of a (seq, head_dim) matrix, zero outside it."""
+    mask = (rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr):
     """[BLOCK_M, BLOCK_N] boolean: which keys each query may attend to."""
@@ -69,8 +76,7 @@ def _attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
-                mask=(offs_m < seq_q)[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
     k_base = K + b * sk_b + kv_h * sk_h
     v_base = V + b * sv_b + kv_h * sv_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -90,7 +96,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + keys[:, None] * sv_s + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_rows(v_base, keys, seq_k, sv_s, offs_d, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     empty = l_i == 0.0
@@ -122,8 +128,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_mask = (keys < seq_k)[:, None] & d_ok[None, :]
-    k = tl.load(K + b * sk_b + kv_h * sk_h + keys[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * sv_b + kv_h * sv_h + keys[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K + b * sk_b + kv_h * sk_h, keys, seq_k, sk_s, offs_d, HEAD_DIM)
+    v = _load_rows(V + b * sv_b + kv_h * sv_h, keys, seq_k, sv_s, offs_d, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo = 0
@@ -140,10 +146,8 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0
             m_ok = offs_m < seq_q
-            q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                        other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                         other=0.0)
+            q = _load_rows(q_base, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
+            do = _load_rows(do_base, offs_m, seq_q, sdo_s, offs_d, HEAD_DIM)
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -179,10 +183,8 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seq_q
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
-                other=0.0)
-    do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_s + offs_d[None, :],
-                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
+    do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, seq_q, sdo_s, offs_d, HEAD_DIM)
     row_base = (b * n_q_heads + h) * seq_q
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -192,9 +194,8 @@ def _attn_bwd_dq_kernel(
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + offs_n
-        kv_mask = (keys < seq_k)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + keys[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(k_base, keys, seq_k, sk_s, offs_d, HEAD_DIM)
+        v = _load_rows(v_base, keys, seq_k, sv_s, offs_d, HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
                       IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
@@ -224,8 +225,7 @@ def _attn_decode_kernel(
     row_ok = rows < group
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    q = _load_rows(Q + b * sq_b + kv_h * group * sq_h, rows, group, sq_h, offs_d, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -249,8 +249,7 @@ def _attn_decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * sv_b + kv_h * sv_h + keys[:, None] * sv_s + offs_d[None, :],
-                    mask=(keys < end)[:, None] & d_ok[None, :], other=0.0)
+        v = _load_rows(V + b * sv_b + kv_h * sv_h, keys, end, sv_s, offs_d, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     empty = l_i == 0.0

@@ -33,7 +33,7 @@ def attention64(q, k, v, ok, scale):
     return (probs @ v).transpose(1, 2)
 
 
-CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, head_dim, mask kind)
+CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, mask kind); head dims are parametrized
     "causal": (2, 4, 4, 17, 17, "causal"),
     "gqa4_causal_len1": (1, 4, 1, 1, 1, "causal"),
     "gqa2_cache_offset": (2, 4, 2, 5, 21, "causal"),

@@ -108,22 +108,24 @@ def test_static_cache_generation(backend):
     assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
 
 
+def loss_curve(model, ids, steps=20):
+    """Losses of ``steps`` AdamW steps on fixed data."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
 def test_training_follows_stock_loss_curve(family, backend):
     stock, patched = stock_and_patched(family)
-    stock.train()
-    patched.train()
     ids = torch.randint(3, VOCAB, (4, 16))
-    curves = []
-    for model in (stock, patched):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(20):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
+    curves = [loss_curve(stock, ids), loss_curve(patched, ids)]
     assert curves[0][-1] < curves[0][0] - 0.5  # the run really trains
     assert rel_err(curves[1], curves[0]) < 1e-4
 
@@ -279,17 +281,7 @@ def test_gpu_fp32_generation_matches_stock(family_name):
 def test_gpu_bf16_training_follows_stock(family_name):
     stock, patched = stock_and_patched(family_name, dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(3, VOCAB, (8, 64), device="cuda")
-    curves = []
-    for model in (stock.train(), patched.train()):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        losses = []
-        for _ in range(20):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        curves.append(torch.tensor(losses))
+    curves = [loss_curve(stock, ids), loss_curve(patched, ids)]
     assert curves[0][-1] < curves[0][0] - 0.5
     assert rel_err(curves[1], curves[0]) < 2e-2
 
