@@ -101,6 +101,17 @@ def test_generation_matches_stock(family, backend):
     assert torch.equal(patched.generate(ids, **kwargs, do_sample=True, top_k=20), expected)
 
 
+def test_packed_sequences_match_separate_runs(backend):
+    # Padding-free training: sequences concatenated in one row, position_ids restarting at each start
+    # (HF derives a block-diagonal mask from the restarts when no cache is in play).
+    stock, patched = stock_and_patched("qwen3")
+    first, second = torch.randint(3, VOCAB, (1, 9)), torch.randint(3, VOCAB, (1, 6))
+    packed = torch.cat([first, second], dim=1)
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    separate = torch.cat([stock(first).logits, stock(second).logits], dim=1)
+    assert rel_err(patched(packed, position_ids=position_ids, use_cache=False).logits, separate) < 1e-4
+
+
 def test_static_cache_generation(backend):
     stock, patched = stock_and_patched("llama")
     ids = torch.randint(3, VOCAB, (2, 6))
