@@ -25,3 +25,20 @@ def test_demo_runs_and_matches_stock(capsys):
     assert "identical tokens" in out
     losses = re.findall(r"^\s+\d+\s+([0-9.]+)\s+([0-9.]+)$", out, flags=re.M)
     assert len(losses) == 2 and all(abs(float(a) - float(b)) < 1e-3 for a, b in losses)
+
+
+def test_example_patches_and_generates(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "patch_and_generate.py"
+    spec = importlib.util.spec_from_file_location("patch_and_generate", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(1)
+    with force_backend("reference"):
+        tokens = example.main(["--new-tokens", "5"])
+    stock = example.load(None, torch.device("cpu")).eval()  # the same seeded weights, unpatched
+    expected = stock.generate(tokens[:, :8], max_new_tokens=5, do_sample=False)
+    assert torch.equal(tokens, expected)
+    assert f"generated token ids: {tokens[0, 8:].tolist()}" in capsys.readouterr().out
