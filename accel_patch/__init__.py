@@ -2,15 +2,18 @@
 
 from .kernels import apply_rope, force_backend, rms_norm, swiglu
 from .patching import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
+from .quantization import Int8Linear, quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Int8Linear",
     "SUPPORTED_MODEL_TYPES",
     "__version__",
     "apply_rope",
     "force_backend",
     "patch_model",
+    "quantize_model",
     "rms_norm",
     "swiglu",
     "unpatch_model",

@@ -1,0 +1,74 @@
+"""INT8 weight-only quantization of a model in memory: ``quantize_model(model, "int8")``."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+from torch import nn
+
+from .kernels.int8_matmul import dequantize, int8_linear, quantize_per_channel
+
+logger = logging.getLogger("accel_patch")
+
+QUANTIZE_MODES = ("int8",)
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight is stored as per-output-channel INT8 plus a float32 scale per row.
+
+    ``state_dict`` holds ``weight`` (int8), ``weight_scale`` (float32) and ``bias`` (high precision, trainable).
+    The int8 weight is a buffer: it gets no gradient and optimizers never see it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
+        weight, scale = quantize_per_channel(linear.weight)
+        module.weight.copy_(weight)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias = linear.bias  # the same Parameter: kept in high precision
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _snr_db(original: torch.Tensor, module: Int8Linear) -> float:
+    error = original.float() - dequantize(module.weight, module.weight_scale)
+    return 10 * torch.log10(original.float().pow(2).sum() / error.pow(2).sum().clamp_min(1e-30)).item()
+
+
+def quantize_model(model: nn.Module, quantize: str = "int8", skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every ``nn.Linear`` (except names matching ``skip_modules``, glob patterns allowed) with
+    :class:`Int8Linear`, in place; returns ``model``. Per-layer SNR of the weights goes to the debug log."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r} is not supported; valid values: {', '.join(QUANTIZE_MODES)}")
+    converted = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full_name = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear or any(
+                fnmatch.fnmatch(full_name, pattern) or full_name.split(".")[-1] == pattern for pattern in skip_modules
+            ):
+                continue
+            quantized = Int8Linear.from_linear(child)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("accel_patch: %s int8 weight SNR %.1f dB", full_name, _snr_db(child.weight, quantized))
+            setattr(module, child_name, quantized)
+            converted += 1
+    logger.info("accel_patch: quantized %d Linear layers of %s to int8", converted, type(model).__name__)
+    return model

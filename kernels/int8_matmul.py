@@ -1,0 +1,163 @@
+"""W8A16 matmul: ``x @ (w_int8 * scale[:, None]).T + bias`` with the int8 weight dequantized in registers.
+
+Weights are symmetric per-output-channel INT8 (``scale = max|w_row| / 127``); activations stay in
+float16/bfloat16/float32; products accumulate in float32 and the scale (and bias) are applied in the
+epilogue. The gradient to the input, ``dy @ (w_int8 * scale)``, runs through the same kernel with the scale
+applied along its reduction dimension; the int8 weight itself gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+
+
+@triton.jit
+def _w8a16_kernel(
+    A, B, SCALE, BIAS, C,
+    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[M, N] = A[M, K] @ dequant(B[K, N]); SCALE indexes N (forward) or, if not SCALE_OUT, K (backward)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=(offs_m < M)[:, None] & (ks < K)[None, :], other=0.0)
+        if not SCALE_OUT:  # the scale runs along the reduction: fold it into A's columns
+            a = (a.to(tl.float32) * tl.load(SCALE + ks, mask=ks < K, other=0.0)[None, :]).to(A.dtype.element_ty)
+        b = tl.load(B + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(ks < K)[:, None] & (offs_n < N)[None, :], other=0)
+        acc += tl.dot(a, b.to(A.dtype.element_ty), input_precision=DOT_PRECISION)  # |q| <= 127: exact in fp16/bf16
+    if SCALE_OUT:
+        acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(C.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def _blocks(m: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps); small M is the memory-bound decode regime."""
+    if device.type != "cuda":
+        return 16, 32, 32, 4
+    if m <= 16:
+        return 16, 64, 256, 4
+    return 128, 128, 64, 8
+
+
+def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, scale_out: bool, n: int,
+                   b_strides: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+    m, k = a.shape
+    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if c.numel() == 0:
+        return c
+    block_m, block_n, block_k, warps = _blocks(m, a.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w8a16_kernel[grid](
+        a, b_int8, scale, bias if bias is not None else scale, c,
+        m, n, k, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
+        SCALE_OUT=scale_out, HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+    return c
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row INT8, round to nearest: returns ``(int8 [N, K], float32 scale [N])``."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return weight_int8.float() * scale[:, None]
+
+
+def int8_linear_ref(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    y = x.float() @ dequantize(weight_int8, scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _forward(
+    x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    n = weight_int8.shape[0]
+    if use_triton(x):
+        y = _matmul_triton(x2, weight_int8, scale, bias, True, n, (weight_int8.stride(1), weight_int8.stride(0)))
+    else:
+        y = int8_linear_ref(x2, weight_int8, scale, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _grad_input_impl(dy: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    k = weight_int8.shape[1]
+    if use_triton(dy):
+        dx = _matmul_triton(dy2, weight_int8, scale, None, False, k, (weight_int8.stride(0), weight_int8.stride(1)))
+    else:
+        dx = (dy2.float() @ dequantize(weight_int8, scale)).to(dy.dtype)
+    return dx.reshape(*dy.shape[:-1], k)
+
+
+_forward_op = torch.library.custom_op("accel_patch::int8_linear", _forward, mutates_args=())
+_grad_input_op = torch.library.custom_op("accel_patch::int8_linear_grad_input", _grad_input_impl, mutates_args=())
+
+
+@_forward_op.register_fake
+def _(x, weight_int8, scale, bias):
+    return x.new_empty((*x.shape[:-1], weight_int8.shape[0]))
+
+
+@_grad_input_op.register_fake
+def _(dy, weight_int8, scale):
+    return dy.new_empty((*dy.shape[:-1], weight_int8.shape[1]))
+
+
+_grad_input = eager_or_compiled(_grad_input_op, _grad_input_impl)
+
+
+def _setup_context(ctx, inputs, output):
+    _, weight_int8, scale, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(weight_int8, scale)
+
+
+def _backward(ctx, dy):
+    weight_int8, scale = ctx.saved_tensors
+    dx = _grad_input(dy.contiguous(), weight_int8, scale) if ctx.needs_input_grad[0] else None
+    dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    return dx, None, None, dbias
+
+
+_int8_linear = differentiable(_forward_op, _forward, _setup_context, _backward)
+
+
+def int8_linear(
+    x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ (weight_int8 * scale[:, None]).T + bias``: weight ``[out, in]`` int8, scale ``[out]`` float32."""
+    check_float("x", x)
+    if weight_int8.dtype != torch.int8 or weight_int8.dim() != 2:
+        raise TypeError(f"weight must be a 2-D int8 tensor, got {weight_int8.dtype} {tuple(weight_int8.shape)}")
+    n, k = tuple(weight_int8.shape)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (n,):
+        raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    check_same_device(x=x, weight=weight_int8, scale=scale, **({"bias": bias} if bias is not None else {}))
+    return _int8_linear(x if x.stride(-1) == 1 else x.contiguous(), weight_int8, scale, bias)

@@ -1,0 +1,125 @@
+"""W8A16 matmul, Int8Linear and quantize_model against float64 references and the float model."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from accel_patch import Int8Linear, force_backend, patch_model, quantize_model
+from accel_patch.kernels import int8_linear, quantize_per_channel
+
+from helpers import TOL, backends_for, rel_err
+
+CASES = [("cpu", dt, be) for dt in (torch.float32, torch.float16) for be in backends_for("cpu")]
+CASES += [pytest.param("cuda", torch.bfloat16, "triton", marks=pytest.mark.gpu)]
+SHAPES = {  # (M, K, N): odd K and N, one row, a few rows, a tile's worth
+    "cpu": [(1, 77, 45), (7, 64, 33), (64, 50, 96)],
+    "cuda": [(1, 4096, 14336), (16, 4096, 4096), (128, 14336, 4096), (2048, 4096, 1024), (5, 4099, 333)],
+}
+
+
+@pytest.mark.parametrize("device,dtype,backend", CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_linear_matches_float64(device, dtype, backend, with_bias):
+    for m, k, n in SHAPES[device]:
+        w_int8, scale = quantize_per_channel(torch.randn(n, k, device=device))
+        x = torch.randn(m, k, device=device).to(dtype).requires_grad_()
+        bias = torch.randn(n, device=device).to(dtype).requires_grad_() if with_bias else None
+        w64 = w_int8.double() * scale.double()[:, None]  # the exact dequantized weight
+        x64 = x.detach().double().requires_grad_()
+        b64 = bias.detach().double().requires_grad_() if with_bias else None
+        y64 = x64 @ w64.t() + (b64 if with_bias else 0)
+        with force_backend(backend):
+            y = int8_linear(x, w_int8, scale, bias)
+            assert y.dtype == dtype and y.shape == (m, n)
+            assert rel_err(y, y64) < TOL[dtype], (m, k, n)
+            dy = torch.randn_like(y64)
+            (y.double() * dy).sum().backward()
+        (y64 * dy).sum().backward()
+        assert rel_err(x.grad, x64.grad) < TOL[dtype], (m, k, n)
+        if with_bias:
+            assert rel_err(bias.grad, b64.grad) < TOL[dtype]
+
+
+def test_quantize_round_trip_error_bound():
+    w = torch.randn(40, 70) * torch.logspace(-3, 2, 40)[:, None]  # rows of very different magnitude
+    w[3] = 0.0
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    error = (q.float() * scale[:, None] - w).abs()
+    assert (error <= scale[:, None] / 2 * (1 + 1e-6)).all()  # round to nearest: at most half a step
+    assert (q[3] == 0).all() and torch.isfinite(scale).all()
+
+
+def test_int8_linear_bad_inputs():
+    q, scale = quantize_per_channel(torch.randn(8, 16))
+    with pytest.raises(TypeError, match="int8"):
+        int8_linear(torch.randn(2, 16), q.float(), scale)
+    with pytest.raises(ValueError, match="features"):
+        int8_linear(torch.randn(2, 15), q, scale)
+    with pytest.raises(ValueError, match="scale must be float32"):
+        int8_linear(torch.randn(2, 16), q, scale.half())
+
+
+def tiny_llama():
+    config = AutoConfig.for_model(
+        "llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def _linear_bytes(model):
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not model.lm_head:
+            total += module.weight.numel() * 2  # as bf16
+        if isinstance(module, Int8Linear):
+            total += module.weight.numel() + module.weight_scale.numel() * 4
+    return total
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_quantize_model_keeps_logits_and_halves_linear_bytes(backend):
+    model = tiny_llama()
+    bf16_bytes = _linear_bytes(model)
+    ids = torch.randint(0, 256, (2, 12))
+    expected = model(ids).logits
+    quantized = quantize_model(copy.deepcopy(model), "int8")
+    assert type(quantized.lm_head) is torch.nn.Linear  # skipped by default
+    assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == 2 * 7
+    assert _linear_bytes(quantized) <= 0.6 * bf16_bytes
+    assert {"model.layers.0.self_attn.q_proj.weight_scale"} <= set(quantized.state_dict())
+    with force_backend(backend):
+        assert rel_err(quantized(ids).logits, expected) < 0.03
+        patched = patch_model(quantized)  # INT8 Linears and the Triton modules together
+        assert rel_err(patched(ids).logits, expected) < 0.03
+
+
+def test_quantize_model_bad_flag():
+    with pytest.raises(ValueError, match="valid values: int8"):
+        quantize_model(tiny_llama(), "int4")
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_training_leaves_int8_weights_untouched(backend):
+    model = quantize_model(tiny_llama(), "int8", skip_modules=("lm_head", "embed_tokens"))
+    frozen = {name: buf.clone() for name, buf in model.named_buffers() if buf.dtype == torch.int8}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype != torch.int8 for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 256, (2, 10))
+    losses = []
+    with force_backend(backend):
+        for _ in range(5):
+            loss = model.train()(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, buf in model.named_buffers():
+        if name in frozen:
+            assert torch.equal(buf, frozen[name]), name
