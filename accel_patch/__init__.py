@@ -2,7 +2,7 @@
 
 from .kernels import apply_rope, force_backend, rms_norm, swiglu
 from .patching import SUPPORTED_MODEL_TYPES, patch_model, unpatch_model
-from .quantization import Int8Linear, quantize_model
+from .quantization import Int8Linear, quantize_model, with_int8_lora
 
 __version__ = "0.1.0"
 
@@ -17,4 +17,5 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "unpatch_model",
+    "with_int8_lora",
 ]

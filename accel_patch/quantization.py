@@ -72,3 +72,40 @@ def quantize_model(model: nn.Module, quantize: str = "int8", skip_modules: tuple
             converted += 1
     logger.info("accel_patch: quantized %d Linear layers of %s to int8", converted, type(model).__name__)
     return model
+
+
+def with_int8_lora(lora_config):
+    """Register accel-patch's LoRA layer for :class:`Int8Linear` on a PEFT ``LoraConfig`` and return it.
+
+    ``get_peft_model(model, with_int8_lora(LoraConfig(target_modules=[...])))`` then trains adapters on an
+    INT8 base: the int8 weights stay frozen and bit-identical, gradients reach the adapters through the
+    W8A16 kernel's input-gradient path.
+    """
+    lora_config._register_custom_module({Int8Linear: _int8_lora_layer_class()})
+    return lora_config
+
+
+def _int8_lora_layer_class():
+    from peft.tuners.lora.layer import LoraLayer
+
+    class Int8LoraLinear(nn.Module, LoraLayer):
+        def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: int = 1,
+                     **kwargs) -> None:  # fmt: skip
+            super().__init__()
+            LoraLayer.__init__(self, base_layer)
+            self._active_adapter = adapter_name
+            self.update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            result = self.base_layer(x)
+            if self.disable_adapters:
+                return result
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+                update = lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype))))
+                result = result + (update * self.scaling[name]).to(result.dtype)
+            return result
+
+    return Int8LoraLinear
