@@ -60,7 +60,7 @@ def main() -> None:
             with torch.no_grad():
                 for name, fn in impls.items():
                     try:
-                        times[name] = median_ms(lambda fn=fn: fn(x))
+                        times[name] = median_ms(lambda fn=fn, x=x: fn(x))
                     except Exception as error:
                         notes.append(f"{name} at M={m}, {k}->{n}: {type(error).__name__}")
             for name, ms in times.items():
