@@ -25,3 +25,17 @@ def backends_for(device: str) -> list[str]:
     if device == "cuda" or TRITON_ON_CPU:
         return ["triton", "reference"]
     return ["reference"]
+
+
+def loss_curve(model, ids, steps=20, lr=3e-3):
+    """Losses of ``steps`` AdamW steps on fixed data (parameters without gradients are left alone)."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return torch.tensor(losses)

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from accel_patch import Int8Linear, force_backend, patch_model, quantize_model
 from accel_patch.kernels import int8_linear, quantize_per_channel
 
-from helpers import TOL, backends_for, rel_err
+from helpers import TOL, backends_for, loss_curve, rel_err
 
 CASES = [("cpu", dt, be) for dt in (torch.float32, torch.float16) for be in backends_for("cpu")]
 CASES += [pytest.param("cuda", torch.bfloat16, "triton", marks=pytest.mark.gpu)]
@@ -107,18 +107,9 @@ def test_quantize_model_bad_flag():
 def test_training_leaves_int8_weights_untouched(backend):
     model = quantize_model(tiny_llama(), "int8", skip_modules=("lm_head", "embed_tokens"))
     frozen = {name: buf.clone() for name, buf in model.named_buffers() if buf.dtype == torch.int8}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert all(p.dtype != torch.int8 for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.randint(0, 256, (2, 10))
-    losses = []
+    assert all(p.dtype != torch.int8 for p in model.parameters())
     with force_backend(backend):
-        for _ in range(5):
-            loss = model.train()(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = loss_curve(model, torch.randint(0, 256, (2, 10)), steps=5, lr=1e-2)
     assert losses[-1] < losses[0]
     for name, buf in model.named_buffers():
         if name in frozen:
@@ -138,16 +129,8 @@ def test_lora_trains_on_an_int8_base(backend):
     trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     assert sum("lora_A" in name for name in trainable) == 2 * len(targets)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, 256, (2, 8))
-    losses = []
     with force_backend(backend):
-        for _ in range(8):
-            loss = peft_model.train()(ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = loss_curve(peft_model, torch.randint(0, 256, (2, 8)), steps=8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1  # the adapters learn
     seen = 0
     for name, buf in peft_model.named_buffers():

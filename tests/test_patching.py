@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from accel_patch import SUPPORTED_MODEL_TYPES, force_backend, patch_model, unpatch_model
 from accel_patch.model_adapters.modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
 
-from helpers import backends_for, rel_err
+from helpers import backends_for, loss_curve, rel_err
 
 VOCAB = 128
 COMMON = dict(
@@ -117,20 +117,6 @@ def test_static_cache_generation(backend):
     ids = torch.randint(3, VOCAB, (2, 6))
     kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
     assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
-
-
-def loss_curve(model, ids, steps=20):
-    """Losses of ``steps`` AdamW steps on fixed data."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return torch.tensor(losses)
 
 
 def test_training_follows_stock_loss_curve(family, backend):
