@@ -13,7 +13,8 @@ def test_env_reports_versions_and_backends(capsys):
     out = capsys.readouterr().out
     assert f"torch         {torch.__version__.split('+')[0]}" in out
     backend, reason = choose_backend(torch.device("cpu"))
-    assert f"rms_norm      {backend}: {reason}" in out
+    for op in ("rms_norm", "apply_rope", "swiglu", "attention", "int8_linear"):
+        assert f"{op:<13} {backend}: {reason}" in out
 
 
 def test_demo_runs_and_matches_stock(capsys):
