@@ -72,6 +72,16 @@ def force_backend(backend: str) -> Iterator[None]:
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (what the kernels index), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """View as ``[rows, last dim]`` with a unit stride along the last dim (copies only when it must)."""
+    return unit_last_stride(t.reshape(-1, t.shape[-1]))
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32")

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
 
 LOG2E = 1.4426950408889634
 
@@ -543,7 +543,7 @@ def attention(
     check_same_device(q=q, k=k, v=v, **masks)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     scale = head_dim**-0.5 if scale is None else float(scale)
     out, _ = _attention(q, k, v, attn_mask, key_padding_mask, bool(causal), int(sliding_window or 0), scale)
     return out

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
 
 
 @triton.jit
@@ -160,4 +160,4 @@ def int8_linear(
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight_int8, scale=scale, **({"bias": bias} if bias is not None else {}))
-    return _int8_linear(x if x.stride(-1) == 1 else x.contiguous(), weight_int8, scale, bias)
+    return _int8_linear(unit_last_stride(x), weight_int8, scale, bias)

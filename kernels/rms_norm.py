@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
 
 MAX_WIDTH = 65536  # one row is held in registers by one program
 
@@ -109,20 +109,14 @@ def _bwd_config(n: int, m: int, device: torch.device) -> tuple[int, int, int, in
     return block_m, block_n, warps, max(min(programs, triton.cdiv(m, block_m)), 1)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View as [rows, width] with a unit stride along the width (copies only when it must)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _fwd_triton(x, weight, residual, eps, out_dtype):
     n = x.shape[-1]
-    x2 = _rows(x)
+    x2 = as_rows(x)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if residual is not None:
-        res2 = _rows(residual)
+        res2 = as_rows(residual)
         h = torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
         res2, h = x2, y  # unused by the kernel; any tensor keeps the signature uniform
@@ -151,14 +145,14 @@ def _fwd_triton(x, weight, residual, eps, out_dtype):
 
 def _bwd_triton(dy, dh, x, weight, rstd, config=None):
     n = x.shape[-1]
-    dy2, x2 = _rows(dy), _rows(x)
+    dy2, x2 = as_rows(dy), as_rows(x)
     m = x2.shape[0]
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m, block_n, warps, programs = config or _bwd_config(n, m, x.device)
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     programs = max(triton.cdiv(m, rows_per_program), 1)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    dh2 = _rows(dh) if dh is not None else dy2
+    dh2 = as_rows(dh) if dh is not None else dy2
     if m > 0:
         _rms_norm_bwd_kernel[(programs,)](
             dy2, dh2, x2, weight, rstd, dx, dw_partial,

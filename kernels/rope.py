@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
 
 
 @triton.jit
@@ -64,10 +64,6 @@ def _rope_kernel(
 TILE_ELEMS = 8192  # elements of one [tokens, heads, half] tile: enough bytes in flight per program
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _out_like(t: torch.Tensor) -> torch.Tensor:
     """Output buffer in t's memory layout (HF's transposed q/k stay transposed), last dim contiguous."""
     return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
@@ -82,7 +78,7 @@ def _trig_strides(cos: torch.Tensor) -> tuple[int, int]:
 
 def _rope_triton(q, k, cos, sin, backward, tile_elems=TILE_ELEMS):
     q_out, k_out = _out_like(q), _out_like(k)
-    q, k, cos, sin = (_unit_last_stride(t) for t in (q, k, cos, sin))
+    q, k, cos, sin = (unit_last_stride(t) for t in (q, k, cos, sin))
     batch, n_q, seq, head_dim = q.shape
     n_k = k.shape[1]
     half = head_dim // 2

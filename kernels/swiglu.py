@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
 
 # Columns per program and warps, from benchmarks/tune_kernels.py on an H100 at 16384 x 14336 bf16:
 # 8192 x 16 warps reached 99% of copy bandwidth forward and backward in row layout (1024 x 4 warps: 96%).
@@ -50,11 +50,6 @@ def _swiglu_bwd_kernel(
     tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _as_2d(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
     """2-D views for the kernels, with (BLOCK, warps).
 
@@ -65,7 +60,7 @@ def _as_2d(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int, int]:
     numel = tensors[0].numel()
     if numel and numel % MAX_BLOCK == 0 and all(t.is_contiguous() for t in tensors):
         return [t.view(-1, MAX_BLOCK) for t in tensors], MAX_BLOCK, 16
-    views = [_rows(t) for t in tensors]
+    views = [as_rows(t) for t in tensors]
     return views, *_launch_config(views[0].shape[1])
 
 

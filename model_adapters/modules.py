@@ -1,8 +1,8 @@
 """Kernel-backed drop-ins for HF decoder modules.
 
 Each one holds the *same* Parameter and Linear objects as the stock module it replaces, under the same
-attribute names, so ``state_dict()`` keys and values, optimizers and FSDP see exactly what they saw
-before. The stock module is kept outside the module tree (not registered) so that it can be restored.
+attribute names, so ``state_dict()`` keys and values and optimizers see exactly what they saw before.
+The stock module is kept outside the module tree (not registered) so that it can be restored.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..kernels import apply_rope, rms_norm, swiglu
 from ..kernels._backend import use_triton
@@ -97,8 +98,6 @@ class Attention(KernelModule):
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape)
