@@ -8,13 +8,13 @@ real kernels). Everything else takes the reference. ``ACCEL_PATCH_BACKEND=refere
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
 import torch
 
-TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+from ._triton import TRITON_INSTALLED
+
 _BACKENDS = ("auto", "triton", "reference")
 _forced: str | None = None
 

@@ -12,10 +12,9 @@ key outputs zeros.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
+from ._triton import tl, triton
 
 LOG2E = 1.4426950408889634
 

@@ -9,10 +9,9 @@ applied along its reduction dimension; the int8 weight itself gets no gradient.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
+from ._triton import tl, triton
 
 
 @triton.jit

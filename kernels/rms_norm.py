@@ -9,10 +9,9 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
-import triton.language as tl
 
 from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._triton import tl, triton
 
 MAX_WIDTH = 65536  # one row is held in registers by one program
 

@@ -7,10 +7,9 @@ last dim is contiguous.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._triton import tl, triton
 
 # Columns per program and warps, from benchmarks/tune_kernels.py on an H100 at 16384 x 14336 bf16:
 # 8192 x 16 warps reached 99% of copy bandwidth forward and backward in row layout (1024 x 4 warps: 96%).

@@ -1,6 +1,9 @@
 """The console command runs and tells the truth about parity and backends."""
 
+import os
 import re
+import subprocess
+import sys
 
 import torch
 
@@ -43,3 +46,30 @@ def test_example_patches_and_generates(capsys):
     expected = stock.generate(tokens[:, :8], max_new_tokens=5, do_sample=False)
     assert torch.equal(tokens, expected)
     assert f"generated token ids: {tokens[0, 8:].tolist()}" in capsys.readouterr().out
+
+
+def test_imports_and_patches_without_triton():
+    # Triton ships for Linux only; elsewhere every op must fall back to its reference, not fail to import.
+    script = """
+import sys
+sys.modules["triton"] = None  # makes `import triton` raise ImportError
+import torch, transformers
+import accel_patch
+from accel_patch.kernels import choose_backend
+print(choose_backend(torch.device("cpu")))
+config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2)
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(config).eval()
+ids = torch.randint(0, 64, (2, 9))
+stock = model(ids).logits
+accel_patch.patch_model(model)
+err = ((model(ids).logits - stock).norm() / stock.norm()).item()
+print("triton" in sys.modules and sys.modules["triton"] is None, err)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout
+    backend_line, result_line = out.strip().splitlines()
+    assert backend_line == "('reference', 'triton is not installed')"
+    hidden, err = result_line.split()
+    assert hidden == "True" and float(err) < 1e-5
