@@ -1,4 +1,5 @@
-"""Sweep launch configs of the memory-bound backward kernels at LLaMA-3-8B shapes (bf16, CUDA).
+"""Sweep launch configs of the memory-bound backward kernels at LLaMA-3-8B shapes (bf16, CUDA), and print what the
+attention kernels' autotuner measured for each of its configs.
 
 Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can be chosen by measurement.
 """
@@ -29,26 +30,19 @@ def _sweep(title: str, configs, run, flops: float) -> None:
 
 
 def _tune_attention_dim(d: int) -> None:
+    """Run the autotuned attention kernels once and print every config's time, as the autotuner measured it."""
     b, h, n = 4, 32, 2048
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    flops = 2 * b * h * n * n * d
+    flops = 2 * b * h * n * n * d  # causal forward
     out, lse = attention_module._attn_fwd_triton(q, k, v, None, None, True, 0, d**-0.5)
-    dout = torch.randn_like(out)  # [b, n, h, d], the output's layout
-
-    def forward(config):
-        return attention_module._attn_fwd_triton(q, k, v, None, None, True, 0, d**-0.5, config)
-
-    def backward(config):
-        return attention_module._attn_bwd_triton(dout, q, k, v, out, lse, None, None, True, 0, d**-0.5, config)
-
-    fwd_configs = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                   (128, 64, 8, 4), (64, 128, 4, 3))  # fmt: skip
-    bwd_configs = ((64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2),
-                   (64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 3))  # fmt: skip
-    _sweep(f"attention fwd (4, 32, 2048, {d}) causal: BLOCK_M, BLOCK_N, warps, stages -> TFLOP/s", fwd_configs,
-           forward, flops)  # fmt: skip
-    _sweep(f"attention bwd (4, 32, 2048, {d}) causal -> TFLOP/s (2.5x forward FLOPs)", bwd_configs, backward,
-           2.5 * flops)  # fmt: skip
+    attention_module._attn_bwd_triton(torch.randn_like(out), q, k, v, out, lse, None, None, True, 0, d**-0.5)
+    kernels = (("fwd", attention_module._attn_fwd_kernel, 1.0), ("bwd dK/dV", attention_module._attn_bwd_dkdv_kernel,
+               1.5), ("bwd dQ", attention_module._attn_bwd_dq_kernel, 1.0))  # fmt: skip
+    for name, kernel, share in kernels:
+        print(f"attention {name} ({b}, {h}, {n}, {d}) causal: BLOCK_M, BLOCK_N, warps, stages -> ms, TFLOP/s")
+        for config, timing in sorted(kernel.configs_timings.items(), key=lambda item: item[1][0]):
+            shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+            print(f"  {shape}: {timing[0]:.3f} ms, {share * flops / timing[0] / 1e9:5.0f}")
 
 
 def tune_attention() -> None:

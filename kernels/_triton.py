@@ -23,6 +23,8 @@ except ImportError:
 
     triton = SimpleNamespace(
         jit=_jit,
+        autotune=lambda **_options: _jit,
+        Config=lambda *args, **kwargs: None,
         cdiv=lambda a, b: -(-a // b),
         next_power_of_2=lambda n: 1 << max(0, math.ceil(math.log2(n))),
     )

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
+from ._backend import (
+    check_float,
+    check_same_device,
+    differentiable,
+    eager_or_compiled,
+    interpreting,
+    unit_last_stride,
+    use_triton,
+)
 from ._triton import tl, triton
 
 LOG2E = 1.4426950408889634
@@ -24,6 +32,18 @@ def _load_rows(base, rows, n_rows, stride_row, offs_d, HEAD_DIM: tl.constexpr):
     """[rows, BLOCK_D] tile of a (seq, head_dim) matrix, zero outside it."""
     mask = (rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
     return tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, d_ok, CHECK_ROWS: tl.constexpr, CHECK_D: tl.constexpr):
+    """Load a tile, masking rows and the head-dim padding only where they can be out of range."""
+    if CHECK_ROWS:
+        tile = tl.load(ptrs, mask=rows_ok & d_ok, other=0.0)
+    elif CHECK_D:
+        tile = tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
@@ -58,21 +78,102 @@ def _key_range(start_m, seq_k, q_offset, window, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The key blocks in [lo, hi) that every query row of the block sees whole: no mask needed there."""
+    full_hi = seq_k // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:  # keys up to the block's first query position
+        full_hi = tl.minimum(full_hi, (start_m + q_offset + 1) // BLOCK_N * BLOCK_N)
+    full_lo = lo
+    if HAS_WINDOW:  # keys after the block's last query position minus the window
+        full_lo = tl.maximum(lo, (start_m + BLOCK_M + q_offset - window + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    full_lo = tl.minimum(full_lo, hi)
+    return full_lo, tl.maximum(full_lo, full_hi)
+
+
+@triton.jit
+def _attn_fwd_blocks(
+    acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, lo, hi,
+    b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax over key blocks [lo, hi). Off the boundary (BOUNDARY=False) every key is in range and
+    visible, so without a user mask the block needs no bounds, no masking and no empty-row guard."""
+    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        k_ok = keys < seq_k
+        k = _load_tile(k_base + keys[None, :] * sk_s + offs_d[:, None], k_ok[None, :], d_ok[:, None],
+                       BOUNDARY, BLOCK_D != HEAD_DIM)
+        v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok[:, None], d_ok[None, :],
+                       BOUNDARY, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+        if MASKED:
+            ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = m_new
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+def _autotune(for_head_dim_up_to_128, for_head_dim_256):
+    """``triton.autotune`` over (BLOCK_M, BLOCK_N, warps, stages) shapes: one list for head dims up to 128, one
+    for larger ones (whose tiles must be smaller to fit shared memory). Autotuning happens on the first call per
+    key: head dim, masks and a power-of-two bucket of the work (not the exact lengths, so that generation with
+    ever-new prompt lengths does not retune)."""
+
+    def config(shape):
+        block_m, block_n, warps, stages = shape
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+    if interpreting():  # the CPU interpreter: one small tile keeps tests fast
+        return triton.autotune(configs=[config((16, 16, 4, 1))], key=[])
+    small, large = set(for_head_dim_up_to_128), set(for_head_dim_256)
+
+    def by_head_dim(configs, named_args, **kwargs):
+        wanted = large if kwargs["BLOCK_D"] > 128 else small
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(
+        configs=[config(shape) for shape in sorted(small | large)],
+        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "work_bucket"],
+        prune_configs_by={"early_config_prune": by_head_dim},
+    )
+
+
+@_autotune(
+    ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
+    ((64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)),
+)
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, LSE, MASK, KPM,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_s, so_h,
     sm_b, sm_q, sm_k, skpm_b,
-    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale,
+    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, work_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    # Causal query blocks near the end see the most keys: launch them first so the tail of the grid is short.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b = tl.program_id(1) // n_q_heads
     h = tl.program_id(1) % n_q_heads
     kv_h = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
@@ -82,22 +183,20 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        keys = start_n + offs_n
-        k_ok = keys < seq_k
-        k = tl.load(k_base + keys[None, :] * sk_s + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
-        ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                      IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base, keys, seq_k, sv_s, offs_d, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
+                                        IS_CAUSAL, HAS_WINDOW)
+    for stage in tl.static_range(3):  # the window's edge, the whole blocks, the causal diagonal and the tail
+        if stage == 0:
+            stage_lo, stage_hi = lo, full_lo
+        elif stage == 1:
+            stage_lo, stage_hi = full_lo, full_hi
+        else:
+            stage_lo, stage_hi = full_hi, hi
+        acc, m_i, l_i = _attn_fwd_blocks(
+            acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
+            b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, DOT_PRECISION,
+        )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(OUT.dtype.element_ty),
@@ -108,11 +207,69 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _full_query_blocks(start_n, lo, hi, seq_q, seq_k, q_offset, window, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The query blocks in [lo, hi) that see every key of the block [start_n, start_n + BLOCK_N) whole."""
+    full_lo = lo
+    if IS_CAUSAL:  # the block's first query is at or after its last key
+        full_lo = tl.maximum(lo, tl.maximum(0, start_n + BLOCK_N - 1 - q_offset + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = seq_q // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:  # the block's last query is less than a window past its first key
+        full_hi = tl.minimum(full_hi, tl.maximum(0, start_n + window - q_offset) // BLOCK_M * BLOCK_M)
+    if start_n + BLOCK_N > seq_k:  # keys past the end need masking in every block
+        full_hi = full_lo
+    return full_lo, tl.maximum(full_lo, full_hi)
+
+
+@triton.jit
+def _attn_bwd_dkdv_blocks(
+    dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, lo, hi,
+    b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seq_q
+        q = _load_tile(q_base + offs_m[:, None] * sq_s + offs_d[None, :], m_ok[:, None], d_ok, BOUNDARY,
+                       BLOCK_D != HEAD_DIM)
+        do = _load_tile(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], m_ok[:, None], d_ok, BOUNDARY,
+                        BLOCK_D != HEAD_DIM)
+        if BOUNDARY:
+            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            lse = tl.load(LSE + row_base + offs_m)
+            delta = tl.load(DELTA + row_base + offs_m)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+            p = tl.where(ok, p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+_BWD_SHAPES_UP_TO_128 = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2),
+                         (64, 64, 4, 3), (32, 128, 4, 2))  # fmt: skip
+_BWD_SHAPES_256 = ((32, 32, 8, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1))
+
+
+@_autotune(_BWD_SHAPES_UP_TO_128, _BWD_SHAPES_256)
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h,
     sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s, sm_b, sm_q, sm_k, skpm_b,
-    n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
+    n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale, work_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -123,7 +280,6 @@ def _attn_bwd_dkdv_kernel(
     b = tl.program_id(1) // n_kv_heads
     kv_h = tl.program_id(1) % n_kv_heads
     keys = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_mask = (keys < seq_k)[:, None] & d_ok[None, :]
@@ -135,28 +291,27 @@ def _attn_bwd_dkdv_kernel(
     hi = seq_q
     if IS_CAUSAL:
         lo = tl.maximum(0, start_n - q_offset) // BLOCK_M * BLOCK_M
-    if HAS_WINDOW:
-        hi = tl.minimum(seq_q, start_n + BLOCK_N - 1 + window - q_offset)
+    if HAS_WINDOW:  # (never below lo: the stages below split [lo, hi))
+        hi = tl.maximum(lo, tl.minimum(seq_q, start_n + BLOCK_N - 1 + window - q_offset))
+    full_lo, full_hi = _full_query_blocks(start_n, lo, hi, seq_q, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
+                                          IS_CAUSAL, HAS_WINDOW)
     for g in range(0, group):
         h = kv_h * group + g
         q_base = Q + b * sq_b + h * sq_h
         do_base = DO + b * sdo_b + h * sdo_h
         row_base = (b * n_q_heads + h) * seq_q
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_ok = offs_m < seq_q
-            q = _load_rows(q_base, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
-            do = _load_rows(do_base, offs_m, seq_q, sdo_s, offs_d, HEAD_DIM)
-            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
-            p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        for stage in tl.static_range(3):  # the causal diagonal, the whole blocks, the window's edge and the tail
+            if stage == 0:
+                stage_lo, stage_hi = lo, full_lo
+            elif stage == 1:
+                stage_lo, stage_hi = full_lo, full_hi
+            else:
+                stage_lo, stage_hi = full_hi, hi
+            dk, dv = _attn_bwd_dkdv_blocks(
+                dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, stage_lo, stage_hi,
+                b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, DOT_PRECISION,
+            )  # fmt: skip
     dk_ptrs = DK + b * sdk_b + kv_h * sdk_h + keys[:, None] * sdk_s + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     dv_ptrs = DV + b * sdv_b + kv_h * sdv_h + keys[:, None] * sdv_s + offs_d[None, :]
@@ -164,21 +319,48 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _attn_bwd_dq_blocks(
+    dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, lo, hi,
+    b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
+    d_ok = (offs_d < HEAD_DIM)[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        k_ok = (keys < seq_k)[:, None]
+        k = _load_tile(k_base + keys[:, None] * sk_s + offs_d[None, :], k_ok, d_ok, BOUNDARY, BLOCK_D != HEAD_DIM)
+        v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok, d_ok, BOUNDARY, BLOCK_D != HEAD_DIM)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED:
+            ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@_autotune(_BWD_SHAPES_UP_TO_128, _BWD_SHAPES_256)
+@triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h, sdq_b, sdq_h, sdq_s,
     sm_b, sm_q, sm_k, skpm_b,
-    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
+    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale, work_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest key ranges first, as forward
     b = tl.program_id(1) // n_q_heads
     h = tl.program_id(1) % n_q_heads
     kv_h = h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seq_q
@@ -191,17 +373,20 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * sk_b + kv_h * sk_h
     v_base = V + b * sv_b + kv_h * sv_h
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        keys = start_n + offs_n
-        k = _load_rows(k_base, keys, seq_k, sk_s, offs_d, HEAD_DIM)
-        v = _load_rows(v_base, keys, seq_k, sv_s, offs_d, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                      IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
+                                        IS_CAUSAL, HAS_WINDOW)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            stage_lo, stage_hi = lo, full_lo
+        elif stage == 1:
+            stage_lo, stage_hi = full_lo, full_hi
+        else:
+            stage_lo, stage_hi = full_hi, hi
+        dq = _attn_bwd_dq_blocks(
+            dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
+            b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, DOT_PRECISION,
+        )  # fmt: skip
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -259,21 +444,24 @@ def _attn_decode_kernel(
     tl.store(PART_LSE + part, lse, mask=row_ok)
 
 
-def _blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, warps, stages) for the forward kernel."""
-    if device.type != "cuda":
-        return 16, 16, 4, 1  # the CPU interpreter: small tiles keep tests fast
-    if head_dim <= 128:  # benchmarks/tune_kernels.py, H100, (4, 32, 2048, 128) causal: 364 TFLOP/s vs 317 at 128x64
-        return 64, 64, 4, 3
-    return 64, 32, 8, 2
-
-
-def _bwd_blocks(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    if device.type != "cuda":
-        return 16, 16, 4, 1
-    if head_dim <= 128:  # H100 sweep at (4, 32, 2048, 128): 230 TFLOP/s vs 128 with 8 warps
-        return 64, 64, 4, 2
-    return 32, 32, 8, 1
+@triton.jit
+def _attn_decode_combine_kernel(PART_OUT, PART_LSE, OUT, LSE, n_splits, HEAD_DIM: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge one (batch, head)'s split partial softmaxes by their log-sum-exps (one launch, not a chain of ops)."""
+    row = tl.program_id(0)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = splits < n_splits
+    lse = tl.load(PART_LSE + row * n_splits + splits, mask=s_ok, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    empty = lse_max == float("-inf")
+    weights = tl.exp2(lse - tl.where(empty, 0.0, lse_max))  # 0 for empty splits
+    total = tl.sum(weights, 0)
+    part = tl.load(PART_OUT + (row * n_splits + splits)[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(weights[:, None] * part, 0) / tl.where(empty, 1.0, total)
+    tl.store(OUT + row * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(LSE + row, tl.where(empty, float("inf"), lse_max + tl.log2(tl.where(empty, 1.0, total))))
 
 
 def _mask_args(attn_mask, key_padding_mask, q):
@@ -299,24 +487,27 @@ def _flags(attn_mask, key_padding_mask, causal, window, dtype):
     )
 
 
-def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale, config=None):
+def _work_bucket(seq_q: int, seq_k: int) -> int:
+    return triton.next_power_of_2(max(seq_q * seq_k, 1))
+
+
+def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
     if q.shape[2] == 1 and q.numel():  # decode; causality is implicit for the last position
         return _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale)
     batch, n_q, seq_q, head_dim = q.shape
     n_kv, seq_k = k.shape[1], k.shape[2]
     out = torch.empty((batch, seq_q, n_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_q, seq_q), dtype=torch.float32, device=q.device)
-    block_m, block_n, warps, stages = config or _blocks(head_dim, q.device)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     if out.numel():
-        _attn_fwd_kernel[(triton.cdiv(seq_q, block_m), batch * n_q)](
+        _attn_fwd_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
             q, k, v, out, lse, mask, kpm,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             sm_b, sm_q, sm_k, skpm_b,
-            n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages, **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
+            n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, _work_bucket(seq_q, seq_k),
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
         )  # fmt: skip
     return out, lse
 
@@ -352,42 +543,42 @@ def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
         HAS_WINDOW=flags["HAS_WINDOW"], HAS_MASK=flags["HAS_MASK"], HAS_KPM=flags["HAS_KPM"],
         DOT_PRECISION=flags["DOT_PRECISION"], num_warps=4,
     )  # fmt: skip
-    lse_max = part_lse.amax(-1, keepdim=True)
-    empty = torch.isneginf(lse_max)
-    weights = torch.exp2(part_lse - lse_max.masked_fill(empty, 0.0))  # 0 for empty splits
-    total = weights.sum(-1, keepdim=True)
-    out = (weights[..., None] * part_out).sum(-2) / total.clamp_min(1e-30)
-    lse = torch.where(empty, float("inf"), lse_max + torch.log2(total.clamp_min(1e-30)))
-    return out.to(q.dtype)[:, None], lse  # [batch, 1, heads, head_dim], [batch, heads, 1]
+    out = torch.empty((batch, 1, n_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_q, 1), dtype=torch.float32, device=q.device)
+    _attn_decode_combine_kernel[(batch * n_q,)](
+        part_out, part_lse, out, lse, splits, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_S=max(16, triton.next_power_of_2(splits)), num_warps=4,
+    )  # fmt: skip
+    return out, lse
 
 
-def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale, config=None):
+def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):
     batch, n_q, seq_q, head_dim = q.shape
     n_kv, seq_k = k.shape[1], k.shape[2]
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [batch, heads, seq_q]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n, warps, stages = config or _bwd_blocks(head_dim, q.device)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
-    )  # fmt: skip
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
+    )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    _attn_bwd_dkdv_kernel[(triton.cdiv(seq_k, block_n), batch * n_kv)](
+    work = _work_bucket(seq_q, seq_k)
+    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv)](
         q, k, v, dout, lse, delta, dk, dv, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         sm_b, sm_q, sm_k, skpm_b,
-        n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
+        n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, work, **common,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[(triton.cdiv(seq_q, block_m), batch * n_q)](
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
         q, k, v, dout, lse, delta, dq, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
-        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
+        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, work, **common,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -44,6 +44,9 @@ CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, mask kind); head dim
     "dense_hf_mask": (2, 4, 2, 18, 18, "dense"),
     "not_causal": (1, 2, 2, 9, 13, "none"),
     "long_129": (1, 2, 1, 129, 129, "causal"),
+    # windows wider than the 16-wide interpreter tiles: whole blocks between the window's edge and the diagonal
+    "wide_window": (1, 2, 1, 100, 100, "wide_window"),
+    "wide_window_cache_offset": (1, 4, 2, 37, 90, "wide_window"),
     # one query per sequence: the split-K decode kernel
     "decode_long_padded": (2, 8, 2, 1, 300, "left_pad"),
     "decode_window": (1, 4, 1, 1, 150, "window"),
@@ -59,8 +62,8 @@ def _inputs(case, head_dim, dtype, device):
     kwargs = dict(causal=kind != "none")
     key_padding = dense = None
     window = 0
-    if kind == "window":
-        window = 7
+    if kind in ("window", "wide_window"):
+        window = 7 if kind == "window" else 40
         kwargs["sliding_window"] = window
     if kind in ("left_pad", "right_pad"):
         key_padding = torch.ones(batch, seq_k, dtype=torch.int64)
