@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -22,10 +23,13 @@ class Int8Linear(nn.Module):
     The int8 weight is a buffer: it gets no gradient and optimizers never see it.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 weight_dtype: torch.dtype = torch.int8) -> None:  # fmt: skip
+        # weight_dtype: HF's loader sizes and casts each incoming tensor by the declared buffer, so a model
+        # quantized while loading declares its weight in the float dtype the checkpoint streams in.
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -52,24 +56,42 @@ def _snr_db(original: torch.Tensor, module: Int8Linear) -> float:
     return 10 * torch.log10(original.float().pow(2).sum() / error.pow(2).sum().clamp_min(1e-30)).item()
 
 
-def quantize_model(model: nn.Module, quantize: str = "int8", skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace every ``nn.Linear`` (except names matching ``skip_modules``, glob patterns allowed) with
-    :class:`Int8Linear`, in place; returns ``model``. Per-layer SNR of the weights goes to the debug log."""
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize={quantize!r} is not supported; valid values: {', '.join(QUANTIZE_MODES)}")
-    converted = 0
+def check_quantize(quantize: str | None, allow_none: bool = False) -> None:
+    valid = (None, *QUANTIZE_MODES) if allow_none else QUANTIZE_MODES
+    if quantize not in valid:
+        raise ValueError(f"quantize={quantize!r} is not supported; valid values: {', '.join(map(repr, valid))}")
+
+
+def linears_to_convert(model: nn.Module, skip_modules: tuple[str, ...]) -> Iterator[tuple[nn.Module, str, str]]:
+    """``(parent, child name, full name)`` of every plain ``nn.Linear`` whose name matches no ``skip_modules``
+    pattern (a glob over the full name, or the last name component)."""
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or any(
-                fnmatch.fnmatch(full_name, pattern) or full_name.split(".")[-1] == pattern for pattern in skip_modules
+            if type(child) is nn.Linear and not any(
+                fnmatch.fnmatch(full_name, pattern) or child_name == pattern for pattern in skip_modules
             ):
-                continue
-            quantized = Int8Linear.from_linear(child)
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("accel_patch: %s int8 weight SNR %.1f dB", full_name, _snr_db(child.weight, quantized))
-            setattr(module, child_name, quantized)
-            converted += 1
+                yield module, child_name, full_name
+
+
+def quantize_model(model: nn.Module, quantize: str = "int8", skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """Replace every ``nn.Linear`` (except names matching ``skip_modules``, glob patterns allowed) with
+    :class:`Int8Linear`, in place; returns ``model``. Per-layer SNR of the weights goes to the debug log.
+    ``save_pretrained`` then writes an INT8 checkpoint that :func:`accel_patch.from_pretrained` reloads."""
+    check_quantize(quantize)
+    converted = 0
+    for parent, child_name, full_name in linears_to_convert(model, skip_modules):
+        child = getattr(parent, child_name)
+        quantized = Int8Linear.from_linear(child)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("accel_patch: %s int8 weight SNR %.1f dB", full_name, _snr_db(child.weight, quantized))
+        setattr(parent, child_name, quantized)
+        converted += 1
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):  # a transformers model: saves as INT8
+        from .loading import Int8QuantizationConfig
+
+        config.quantization_config = Int8QuantizationConfig(skip_modules=list(skip_modules))
     logger.info("accel_patch: quantized %d Linear layers of %s to int8", converted, type(model).__name__)
     return model
 

@@ -70,11 +70,18 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
     return c
 
 
-def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-row INT8, round to nearest: returns ``(int8 [N, K], float32 scale [N])``."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_per_channel(weight: torch.Tensor, rows_per_step: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row INT8, round to nearest: returns ``(int8 [N, K], float32 scale [N])``.
+
+    Works through ``rows_per_step`` rows at a time so that quantizing while loading adds little to the
+    peak memory (a float32 copy of the whole weight would be twice a bf16 checkpoint's tensor).
+    """
+    weight = weight.detach()
+    scale = (weight.abs().amax(dim=1).float() / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    for start in range(0, weight.shape[0], rows_per_step):
+        rows = slice(start, start + rows_per_step)
+        q[rows] = torch.round(weight[rows].float() / scale[rows, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 

@@ -1,11 +1,14 @@
 """W8A16 matmul, Int8Linear and quantize_model against float64 references and the float model."""
 
 import copy
+import json
 
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+import accel_patch
 from accel_patch import Int8Linear, force_backend, patch_model, quantize_model
 from accel_patch.kernels import int8_linear, quantize_per_channel
 
@@ -99,8 +102,90 @@ def test_quantize_model_keeps_logits_and_halves_linear_bytes(backend):
 
 
 def test_quantize_model_bad_flag():
-    with pytest.raises(ValueError, match="valid values: int8"):
+    with pytest.raises(ValueError, match="valid values: 'int8'"):
         quantize_model(tiny_llama(), "int4")
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("float_llama")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def _int8_layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_from_pretrained_quantizes_while_loading(float_checkpoint, backend):
+    stock = tiny_llama()
+    ids = torch.randint(0, 256, (2, 12))
+    expected = stock(ids).logits
+    with force_backend(backend):
+        model = accel_patch.from_pretrained(float_checkpoint, quantize="int8", dtype=torch.float32).eval()
+        assert len(_int8_layers(model)) == 2 * 7 and type(model.lm_head) is torch.nn.Linear
+        assert all(m.weight.dtype == torch.int8 and m.weight_scale.dtype == torch.float32
+                   for m in _int8_layers(model).values())  # fmt: skip
+        assert _linear_bytes(model) <= 0.6 * _linear_bytes(stock)
+        assert type(model.model.layers[0].mlp).__module__.startswith("accel_patch")  # patched by default
+        assert rel_err(model(ids).logits, expected) < 0.03
+        # the same int8 weights as quantizing the float model in memory
+        in_memory = quantize_model(tiny_llama(), "int8")
+        for name, layer in _int8_layers(in_memory).items():
+            assert torch.equal(_int8_layers(model)[name].weight, layer.weight), name
+        plain = accel_patch.from_pretrained(float_checkpoint, patch=False)
+        assert not _int8_layers(plain) and rel_err(plain(ids).logits, expected) < 1e-6
+
+
+def test_from_pretrained_bad_flag(float_checkpoint):
+    with pytest.raises(ValueError, match="valid values: None, 'int8'"):
+        accel_patch.from_pretrained(float_checkpoint, quantize="int4")
+
+
+def test_int8_checkpoint_saves_and_reloads_identically(float_checkpoint, tmp_path):
+    model = accel_patch.from_pretrained(float_checkpoint, quantize="int8", dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    assert tensors["model.layers.1.mlp.down_proj.weight"].dtype == torch.int8
+    assert tensors["model.layers.1.mlp.down_proj.weight_scale"].dtype == torch.float32
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == (
+        "accel_patch_int8"
+    )
+    reloaded = accel_patch.from_pretrained(tmp_path).eval()  # INT8 from the checkpoint, no flag needed
+    assert torch.equal(reloaded(ids).logits, expected)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # plain transformers, accel_patch imported
+    assert len(_int8_layers(auto)) == 2 * 7
+    assert torch.equal(patch_model(auto)(ids).logits, expected)
+    # a model quantized in memory saves the same way
+    quantize_model(tiny_llama(), "int8").save_pretrained(tmp_path / "in_memory")
+    assert len(_int8_layers(accel_patch.from_pretrained(tmp_path / "in_memory", patch=False))) == 2 * 7
+
+
+@pytest.mark.parametrize("damage", ["nan_scale", "negative_scale", "wrong_shape", "missing_scale"])
+def test_corrupt_int8_checkpoint_is_refused(float_checkpoint, tmp_path, damage, caplog):
+    accel_patch.from_pretrained(float_checkpoint, quantize="int8").save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = safetensors.torch.load_file(file)
+    key = "model.layers.0.self_attn.q_proj.weight_scale"
+    if damage == "nan_scale":
+        tensors[key][3] = float("nan")
+    elif damage == "negative_scale":
+        tensors[key][0] = -1.0
+    elif damage == "wrong_shape":
+        tensors[key] = tensors[key][:-1].clone()
+    else:
+        del tensors[key]
+    safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+    if damage == "wrong_shape":  # transformers itself refuses it, naming the key in its load report
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            accel_patch.from_pretrained(tmp_path)
+        assert key in caplog.text
+    else:
+        with pytest.raises(ValueError, match="corrupt INT8 checkpoint.*q_proj"):
+            accel_patch.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
@@ -117,12 +202,13 @@ def test_training_leaves_int8_weights_untouched(backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
-def test_lora_trains_on_an_int8_base(backend):
+def test_lora_trains_on_an_int8_base(backend, float_checkpoint):
     from peft import LoraConfig, get_peft_model
 
     from accel_patch import with_int8_lora
 
-    model = quantize_model(tiny_llama(), "int8")
+    with force_backend(backend):
+        model = accel_patch.from_pretrained(float_checkpoint, quantize="int8", dtype=torch.float32)
     frozen = {name: buf.clone() for name, buf in model.named_buffers() if buf.dtype == torch.int8}
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, with_int8_lora(LoraConfig(r=8, lora_alpha=16, target_modules=targets)))
