@@ -225,3 +225,33 @@ def test_lora_trains_on_an_int8_base(backend, float_checkpoint):
             assert torch.equal(buf, frozen[key]), name  # int8 weights bit-identical after training
             seen += 1
     assert seen == len(frozen)
+
+
+@pytest.mark.gpu
+def test_loading_int8_peaks_below_1_25x_the_int8_model(tmp_path):
+    # ~750M parameters: 1.5 GB in bf16 on disk
+    config = AutoConfig.for_model(
+        "llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
+        num_attention_heads=16, num_key_value_heads=16, dtype=torch.bfloat16,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        float_model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    assert sum(p.numel() * p.element_size() for p in float_model.parameters()) > 1.4e9
+    float_model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 32000, (2, 16), device="cuda")
+    with torch.no_grad():
+        expected = float_model(ids).logits.float()
+    del float_model
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = accel_patch.from_pretrained(tmp_path, quantize="int8", dtype=torch.bfloat16, device_map="cuda").eval()
+    held = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    print(f"INT8 model holds {held / 1e9:.3f} GB; loading peaked at {peak / 1e9:.3f} GB ({peak / held:.2f}x)")
+    assert held > 0.8e9 and peak <= 1.25 * held
+    assert len(_int8_layers(model)) == 12 * 7 and all(m.weight.is_cuda for m in _int8_layers(model).values())
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, expected) < 0.03
+        tokens = model.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)
+    assert tokens.shape == (1, 16)

@@ -1,0 +1,86 @@
+"""End to end on a LLaMA-3.2-1B-shaped model (random weights, saved as bf16): weights memory, load time and peak,
+and HF ``generate`` greedy decode tokens/s at batch 1 and 16 for bf16, ours (INT8 while loading), bitsandbytes
+8-bit and torchao int8 weight-only, in one run. Run on a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import accel_patch
+
+from common import has, write_table
+
+NEW_TOKENS = 64
+
+
+def _loaders(path: str) -> dict:
+    loaders = {
+        "bf16 (HF sdpa)": lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda"),
+        "ours int8 + kernels": lambda: accel_patch.from_pretrained(path, quantize="int8", dtype=torch.bfloat16,
+                                                                   device_map="cuda"),  # fmt: skip
+    }
+    if has("bitsandbytes"):
+        from transformers import BitsAndBytesConfig
+
+        loaders["bitsandbytes int8"] = lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map="cuda", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    if has("torchao"):
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        loaders["torchao int8wo"] = lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.bfloat16, device_map="cuda", quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    return loaders
+
+
+def _decode_tokens_per_s(model, batch: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, 32), device="cuda")
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    model.generate(ids, **kwargs)  # warm-up (autotuning, allocator)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    return batch * NEW_TOKENS / (time.perf_counter() - start)
+
+
+def main() -> None:
+    config = AutoConfig.for_model(
+        "llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, dtype=torch.bfloat16,
+    )  # fmt: skip
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory() as path:
+        with torch.device("cuda"):
+            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+        torch.cuda.empty_cache()
+        for name, load in _loaders(path).items():
+            try:
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                model = load().eval()
+                torch.cuda.synchronize()
+                load_s = time.perf_counter() - start
+                held = torch.cuda.memory_allocated() - base
+                peak = torch.cuda.max_memory_allocated() - base
+                with torch.no_grad():
+                    rates = [_decode_tokens_per_s(model, batch) for batch in (1, 16)]
+                rows.append([name, f"{held / 1e9:.2f}", f"{peak / 1e9:.2f}", f"{load_s:.1f}",
+                             f"{rates[0]:.1f}", f"{rates[1]:.0f}"])  # fmt: skip
+                del model
+                torch.cuda.empty_cache()
+            except Exception as error:  # a baseline whose API moved between releases: record it, measure the rest
+                notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+    notes.append(f"greedy decode of {NEW_TOKENS} new tokens after a 32-token prompt, HF generate, dynamic cache")
+    write_table("int8-e2e", "INT8 end to end, LLaMA-3.2-1B config (random weights), bf16 activations",
+                ["model", "weights GB", "load peak GB", "load s", "batch 1 tok/s", "batch 16 tok/s"], rows, notes)
+
+
+if __name__ == "__main__":
+    main()
