@@ -179,10 +179,10 @@ def test_corrupt_int8_checkpoint_is_refused(float_checkpoint, tmp_path, damage, 
     else:
         del tensors[key]
     safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
-    if damage == "wrong_shape":  # transformers itself refuses it, naming the key in its load report
-        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+    if damage == "wrong_shape":  # transformers >= 5.2x refuses it itself, naming the key in its load report
+        with pytest.raises((RuntimeError, ValueError)) as refused:
             accel_patch.from_pretrained(tmp_path)
-        assert key in caplog.text
+        assert key in str(refused.value) or key in caplog.text
     else:
         with pytest.raises(ValueError, match="corrupt INT8 checkpoint.*q_proj"):
             accel_patch.from_pretrained(tmp_path)
