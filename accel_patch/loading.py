@@ -137,6 +137,7 @@ def from_pretrained(
     if missing:
         raise ValueError(f"corrupt INT8 checkpoint {name_or_path}: missing {', '.join(missing[:4])}"
                          f"{' ...' if len(missing) > 4 else ''}")  # fmt: skip
-    if info.get("mismatched_keys"):
-        raise ValueError(f"checkpoint {name_or_path} has tensors of the wrong shape: {info['mismatched_keys'][:4]}")
+    if info.get("mismatched_keys"):  # transformers < 5.2x only warns about these
+        mismatched = sorted(map(str, info["mismatched_keys"]))
+        raise ValueError(f"checkpoint {name_or_path} has tensors of the wrong shape: {', '.join(mismatched[:4])}")
     return patch_model(model) if patch else model
