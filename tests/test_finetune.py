@@ -37,7 +37,7 @@ def test_full_finetune_checkpoint_reloads_with_plain_transformers(tmp_path):
 
 
 def test_lora_on_int8_lowers_the_loss_and_saves_the_adapter(tmp_path):
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
     import accel_patch
 
@@ -48,7 +48,9 @@ def test_lora_on_int8_lowers_the_loss_and_saves_the_adapter(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").exists() and not (tmp_path / "model.safetensors").exists()
     torch.manual_seed(0)  # the same random base as --tiny
     base = accel_patch.quantize_model(AutoModelForCausalLM.from_config(finetune.tiny_config()), "int8")
-    reloaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    # the adapter config as saved, with accel-patch's LoRA layer for Int8Linear registered on it
+    config = accel_patch.with_int8_lora(LoraConfig.from_pretrained(tmp_path))
+    reloaded = PeftModel.from_pretrained(base, tmp_path, config=config).eval()
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad(), force_backend("reference"):
         assert torch.allclose(reloaded(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
