@@ -132,8 +132,8 @@ def _attn_fwd_blocks(
 def _autotune(for_head_dim_up_to_128, for_head_dim_256):
     """``triton.autotune`` over (BLOCK_M, BLOCK_N, warps, stages) shapes: one list for head dims up to 128, one
     for larger ones (whose tiles must be smaller to fit shared memory). Autotuning happens on the first call per
-    key: head dim, masks and a power-of-two bucket of the work (not the exact lengths, so that generation with
-    ever-new prompt lengths does not retune)."""
+    key: head dim, dtype and which masks apply; not the lengths, so that training and generation with ever-new
+    lengths do not recompile and retune (each new key compiles every config: seconds per kernel)."""
 
     def config(shape):
         block_m, block_n, warps, stages = shape
@@ -149,21 +149,21 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
 
     return triton.autotune(
         configs=[config(shape) for shape in sorted(small | large)],
-        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "work_bucket"],
+        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM"],
         prune_configs_by={"early_config_prune": by_head_dim},
     )
 
 
 @_autotune(
-    ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 4)),
-    ((64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)),
+    ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)),
+    ((64, 32, 8, 2), (32, 32, 4, 2)),
 )
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, LSE, MASK, KPM,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_s, so_h,
     sm_b, sm_q, sm_k, skpm_b,
-    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, work_bucket,
+    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -258,9 +258,9 @@ def _attn_bwd_dkdv_blocks(
     return dk, dv
 
 
-_BWD_SHAPES_UP_TO_128 = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2),
-                         (64, 64, 4, 3), (32, 128, 4, 2))  # fmt: skip
-_BWD_SHAPES_256 = ((32, 32, 8, 1), (32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1))
+# the three fastest of seven in benchmarks/tune_kernels.py at (4, 32, 2048, 128 and 64) on an H100
+_BWD_SHAPES_UP_TO_128 = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
+_BWD_SHAPES_256 = ((32, 32, 8, 1), (32, 32, 4, 1))
 
 
 @_autotune(_BWD_SHAPES_UP_TO_128, _BWD_SHAPES_256)
@@ -269,7 +269,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h,
     sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s, sm_b, sm_q, sm_k, skpm_b,
-    n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale, work_bucket,
+    n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -351,7 +351,7 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h, sdq_b, sdq_h, sdq_s,
     sm_b, sm_q, sm_k, skpm_b,
-    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale, work_bucket,
+    n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -487,10 +487,6 @@ def _flags(attn_mask, key_padding_mask, causal, window, dtype):
     )
 
 
-def _work_bucket(seq_q: int, seq_k: int) -> int:
-    return triton.next_power_of_2(max(seq_q * seq_k, 1))
-
-
 def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
     if q.shape[2] == 1 and q.numel():  # decode; causality is implicit for the last position
         return _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale)
@@ -505,7 +501,7 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             sm_b, sm_q, sm_k, skpm_b,
-            n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, _work_bucket(seq_q, seq_k),
+            n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
             **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
         )  # fmt: skip
@@ -564,21 +560,20 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    work = _work_bucket(seq_q, seq_k)
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv)](
         q, k, v, dout, lse, delta, dk, dv, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         sm_b, sm_q, sm_k, skpm_b,
-        n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, work, **common,
+        n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
     )  # fmt: skip
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
         q, k, v, dout, lse, delta, dq, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
-        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, work, **common,
+        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
     )  # fmt: skip
     return dq, dk, dv
 
