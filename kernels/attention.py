@@ -78,6 +78,18 @@ def _key_range(start_m, seq_k, q_offset, window, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _stage_range(stage: tl.constexpr, lo, full_lo, full_hi, hi):
+    """Blocks of one stage: 0 = [lo, full_lo) and 2 = [full_hi, hi) need masks, 1 = [full_lo, full_hi) none."""
+    if stage == 0:
+        start, end = lo, full_lo
+    elif stage == 1:
+        start, end = full_lo, full_hi
+    else:
+        start, end = full_hi, hi
+    return start, end
+
+
+@triton.jit
 def _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The key blocks in [lo, hi) that every query row of the block sees whole: no mask needed there."""
@@ -186,12 +198,7 @@ def _attn_fwd_kernel(
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
     for stage in tl.static_range(3):  # the window's edge, the whole blocks, the causal diagonal and the tail
-        if stage == 0:
-            stage_lo, stage_hi = lo, full_lo
-        elif stage == 1:
-            stage_lo, stage_hi = full_lo, full_hi
-        else:
-            stage_lo, stage_hi = full_hi, hi
+        stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
         acc, m_i, l_i = _attn_fwd_blocks(
             acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
             b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
@@ -301,12 +308,7 @@ def _attn_bwd_dkdv_kernel(
         do_base = DO + b * sdo_b + h * sdo_h
         row_base = (b * n_q_heads + h) * seq_q
         for stage in tl.static_range(3):  # the causal diagonal, the whole blocks, the window's edge and the tail
-            if stage == 0:
-                stage_lo, stage_hi = lo, full_lo
-            elif stage == 1:
-                stage_lo, stage_hi = full_lo, full_hi
-            else:
-                stage_lo, stage_hi = full_hi, hi
+            stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
             dk, dv = _attn_bwd_dkdv_blocks(
                 dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, stage_lo, stage_hi,
                 b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
@@ -376,12 +378,7 @@ def _attn_bwd_dq_kernel(
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
     for stage in tl.static_range(3):
-        if stage == 0:
-            stage_lo, stage_hi = lo, full_lo
-        elif stage == 1:
-            stage_lo, stage_hi = full_lo, full_hi
-        else:
-            stage_lo, stage_hi = full_hi, hi
+        stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
         dq = _attn_bwd_dq_blocks(
             dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
             b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
