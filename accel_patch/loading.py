@@ -59,6 +59,14 @@ class Int8Quantizer(HfQuantizer):
             and isinstance(model.get_submodule(module_name), Int8Linear)
         )
 
+    def param_element_size(self, model: PreTrainedModel, param_name: str, param: torch.Tensor) -> float:
+        # transformers pre-allocates the loaded model's bytes on each GPU (caching_allocator_warmup) from this
+        # size: a weight declared in float but stored as int8 must count one byte, or the warm-up alone peaks
+        # at the float model's size.
+        if self.param_needs_quantization(model, param_name):
+            return 1
+        return super().param_element_size(model, param_name, param)
+
     def get_new_dtype(self, converter, param, dtype):
         # transformers >= 5.23 casts every float tensor of a pre-quantized checkpoint to the load dtype;
         # the scales must stay float32.

@@ -255,3 +255,23 @@ def test_loading_int8_peaks_below_1_25x_the_int8_model(tmp_path):
         assert rel_err(model(ids).logits, expected) < 0.03
         tokens = model.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)
     assert tokens.shape == (1, 16)
+
+
+def test_load_warmup_counts_int8_bytes():
+    # transformers reserves GPU memory for the whole model before loading, sized from the quantizer's byte
+    # count of the meta model, where a weight to be quantized is still declared in float.
+    from transformers.modeling_utils import get_total_byte_count
+
+    from accel_patch.loading import Int8Quantizer
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_llama().config, dtype=torch.bfloat16)
+    quantizer = Int8Quantizer(accel_patch.Int8QuantizationConfig(), pre_quantized=False)
+    quantizer.preprocess_model(model)
+    int8 = _int8_layers(model)
+    assert len(int8) == 2 * 7 and all(m.weight.dtype == torch.bfloat16 for m in int8.values())  # declared float
+    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    counted = get_total_byte_count(model, dict.fromkeys(names, 0), quantizer)[0]
+    expected = sum(t.numel() * (1 if name.rpartition(".")[0] in int8 and name.endswith(".weight") else
+                                t.element_size()) for name, t in [*model.named_parameters(), *model.named_buffers()])
+    assert counted == expected
