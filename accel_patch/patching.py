@@ -9,6 +9,7 @@ from torch import nn
 
 from .kernels import choose_backend
 from .model_adapters import ADAPTERS, find_decoders, patch_decoder, unpatch_tree
+from .model_adapters.causal_lm import install_fused_cross_entropy, is_causal_lm, remove_fused_cross_entropy
 
 logger = logging.getLogger("accel_patch")
 
@@ -21,13 +22,16 @@ def _model_type(model: nn.Module) -> str:
 
 
 def patch_model(
-    model: nn.Module, *, attention: bool = True, rope: bool = True, rmsnorm: bool = True, swiglu: bool = True
+    model: nn.Module, *, attention: bool = True, rope: bool = True, rmsnorm: bool = True, swiglu: bool = True,
+    fused_cross_entropy: bool = True,
 ) -> nn.Module:
     """Swap Triton-backed attention, RoPE, RMSNorm and SwiGLU modules into ``model`` in place.
 
     Works on any module whose tree holds a supported decoder (``*ForCausalLM``, the bare ``*Model``,
     ``*ForSequenceClassification``, a PEFT wrapper). Parameters are shared, not copied, so
-    ``state_dict()`` is unchanged. Calling it twice changes nothing the second time.
+    ``state_dict()`` is unchanged. Calling it twice changes nothing the second time. With
+    ``fused_cross_entropy``, a ``*ForCausalLM`` called with ``labels`` while gradients are on computes its
+    loss with the fused linear cross-entropy and returns no logits.
     """
     decoders = find_decoders(model)
     if not decoders:
@@ -47,15 +51,20 @@ def patch_model(
             decoder, ADAPTERS[decoder.config.model_type],
             attention=attention, rope=rope, rmsnorm=rmsnorm, swiglu=swiglu,
         )  # fmt: skip
+    if fused_cross_entropy:
+        for module in model.modules():
+            if is_causal_lm(module, decoders):
+                swapped["fused_cross_entropy"] += int(install_fused_cross_entropy(module))
     device = next(model.parameters()).device
     backend, reason = choose_backend(device)
-    counts = ", ".join(f"{swapped[kind]} {kind}" for kind in ("attention", "rope", "rmsnorm", "swiglu"))
+    kinds = ("attention", "rope", "rmsnorm", "swiglu", "fused_cross_entropy")
+    counts = ", ".join(f"{swapped[kind]} {kind}" for kind in kinds)
     logger.info("accel_patch: patched %s: %s; kernels on %s (%s)", type(model).__name__, counts, backend, reason)
     return model
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Put the stock HF modules back in place, holding the model's current parameters."""
-    restored = unpatch_tree(model)
+    restored = unpatch_tree(model) + sum(remove_fused_cross_entropy(m) for m in list(model.modules()))
     logger.info("accel_patch: restored %d stock modules in %s", restored, type(model).__name__)
     return model

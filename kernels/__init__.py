@@ -4,6 +4,7 @@ from ._backend import choose as choose_backend
 from ._backend import force_backend
 from .attention import attention, attention_ref
 from .int8_matmul import int8_linear, int8_linear_ref, quantize_per_channel
+from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import apply_rope, rope_ref
 from .swiglu import swiglu, swiglu_ref
@@ -16,6 +17,7 @@ __all__ = [
     "force_backend",
     "int8_linear",
     "int8_linear_ref",
+    "linear_cross_entropy",
     "quantize_per_channel",
     "rms_norm",
     "rms_norm_ref",

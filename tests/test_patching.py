@@ -70,9 +70,12 @@ def test_logits_and_gradients_match_stock(family, backend):
     assert sum(isinstance(m, Attention) for m in patched.modules()) == COMMON["num_hidden_layers"]
     ids, mask = left_padded_batch()
     labels = ids.masked_fill(mask == 0, -100)
+    logits = patched(ids, attention_mask=mask).logits
     out_stock = stock(ids, attention_mask=mask, labels=labels)
-    out_patched = patched(ids, attention_mask=mask, labels=labels)
-    assert rel_err(out_patched.logits[mask.bool()], out_stock.logits[mask.bool()]) < 1e-4
+    out_patched = patched(ids, attention_mask=mask, labels=labels)  # the fused linear cross-entropy
+    assert rel_err(logits[mask.bool()], out_stock.logits[mask.bool()]) < 1e-4
+    assert out_patched.logits is None  # never materialised when training with labels
+    assert abs(out_patched.loss.item() - out_stock.loss.item()) <= 1e-4 * out_stock.loss.item()
     out_stock.loss.backward()
     out_patched.loss.backward()
     stock_params = dict(stock.named_parameters())
@@ -317,3 +320,23 @@ def test_gpu_profile_shows_triton_attention_and_no_sdpa():
     names = {event.name for event in prof.events()}
     assert {"_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} <= names, sorted(names)
     assert not [n for n in names if "scaled_dot_product" in n or "flash" in n.lower() or "fmha" in n.lower()]
+
+
+def test_fused_cross_entropy_follows_hf_loss_conventions(backend):
+    stock, patched = stock_and_patched("llama")  # tied embeddings: the head's gradient lands on embed_tokens
+    ids = torch.randint(3, VOCAB, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(7)}, {"shift_labels": torch.roll(labels, -1, 1)}):
+        expected = stock(ids, labels=labels, **kwargs).loss
+        got = patched(input_ids=ids, labels=labels, **kwargs).loss
+        assert abs(got.item() - expected.item()) <= 1e-4 * expected.item(), kwargs
+    assert isinstance(patched(ids, labels=labels, return_dict=False), tuple)
+    with torch.no_grad():  # evaluation keeps the logits
+        out, expected = patched(ids, labels=labels), stock(ids, labels=labels)
+        assert out.logits is not None and abs(out.loss.item() - expected.loss.item()) <= 1e-4 * expected.loss.item()
+    unfused = patch_model(copy.deepcopy(stock), fused_cross_entropy=False)
+    assert unfused(ids, labels=labels).logits is not None
+    assert "forward" in vars(patched)
+    unpatch_model(patched)
+    assert "forward" not in vars(patched) and patched(ids, labels=labels).logits is not None
