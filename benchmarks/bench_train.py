@@ -1,0 +1,119 @@
+"""Training step (forward + backward) of ~1B-parameter configs, random init, bf16, batch 4 x 2048, side by side:
+stock HF (sdpa), Liger-Kernel (rope + rms_norm + swiglu, and with its fused linear cross-entropy), torch.compile of
+the stock model, and ours (patch_model: every kernel, fused linear cross-entropy included).
+
+Each variant runs in its own process: Liger patches transformers' classes globally, and peak memory must not
+carry over. Reports tokens/s (median step) and peak GPU memory; writes benchmarks/results/train-<GPU>.md.
+
+    python benchmarks/bench_train.py              # all configs and variants, on a CUDA GPU
+    python benchmarks/bench_train.py --tiny       # a seconds-long smoke run of the script itself (CPU works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+CONFIGS = {  # family, config fields
+    "LLaMA-3.2-1B": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                    num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                                    tie_word_embeddings=True)),
+    "Mistral-style 1.2B": ("mistral", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                           num_key_value_heads=8, intermediate_size=8192, vocab_size=32768,
+                                           sliding_window=1024)),
+    "Qwen3-1.7B": ("qwen3", dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, head_dim=128,
+                                 num_key_value_heads=8, intermediate_size=6144, vocab_size=151936,
+                                 tie_word_embeddings=True)),
+}  # fmt: skip
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=256)  # fmt: skip
+VARIANTS = ["HF sdpa", "Liger rope+rms_norm+swiglu", "Liger + fused linear CE", "torch.compile", "ours"]
+
+
+def build(config_name: str, variant: str, tiny: bool, device: str) -> torch.nn.Module:
+    family, fields = CONFIGS[config_name]
+    config = AutoConfig.for_model(family, **(TINY if tiny else fields))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    if variant.startswith("Liger"):
+        import liger_kernel.transformers as liger
+
+        fused = variant == "Liger + fused linear CE"
+        getattr(liger, f"apply_liger_kernel_to_{family}")(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                                          fused_linear_cross_entropy=fused, model=model)  # fmt: skip
+    elif variant == "torch.compile":
+        model = torch.compile(model)
+    elif variant == "ours":
+        import accel_patch
+
+        accel_patch.patch_model(model)
+    return model.train()
+
+
+def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch, seq = (2, 32) if tiny else (4, 2048)
+    model = build(config_name, variant, tiny, device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    times = []
+    for step in range(steps + 3):  # 3 warm-up steps: compilation, autotuning, allocator
+        if step == 3 and device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
+    return {"tokens_per_s": batch * seq / statistics.median(times[3:]), "peak_gb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--only", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(measure(*args.only, args.tiny, args.steps)))
+        return
+    from common import has, write_table
+
+    variants = [v for v in VARIANTS if has("liger_kernel") or not v.startswith("Liger")]
+    shape = "2 x 32 (--tiny)" if args.tiny else "4 x 2048"
+    rows, notes = [], [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
+                       f"{args.steps} steps after 3 warm-up; each variant in its own process"]
+    for config_name in CONFIGS:
+        baseline = None
+        for variant in variants:
+            child = subprocess.run([sys.executable, __file__, "--only", config_name, variant, "--steps",
+                                    str(args.steps), *(["--tiny"] if args.tiny else [])],
+                                   capture_output=True, text=True)  # fmt: skip
+            if child.returncode != 0:
+                last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+                notes.append(f"{config_name} / {variant}: failed: {last[:200]}")
+                continue
+            result = json.loads(child.stdout.strip().splitlines()[-1])
+            baseline = baseline or result["tokens_per_s"]
+            rows.append([config_name, variant, f"{result['tokens_per_s'] / 1e3:.1f}k",
+                         f"{result['tokens_per_s'] / baseline:.2f}x", f"{result['peak_gb']:.1f}"])  # fmt: skip
+    if not has("liger_kernel"):
+        notes.append("liger-kernel is not installed: its rows are missing")
+    if args.tiny:  # a check of the script, not a measurement: nothing goes to results/
+        print("\n".join(" | ".join(row) for row in rows), *notes, sep="\n")
+        return
+    write_table("train", "Training step (forward + backward), ~1B-parameter configs, bf16",
+                ["config", "variant", "tokens/s", "vs HF sdpa", "peak GB"], rows, notes)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
