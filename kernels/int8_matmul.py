@@ -17,30 +17,36 @@ from ._triton import tl, triton
 @triton.jit
 def _w8a16_kernel(
     A, B, SCALE, BIAS, C,
-    M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[M, N] = A[M, K] @ dequant(B[K, N]); SCALE indexes N (forward) or, if not SCALE_OUT, K (backward)."""
+    """C[M, N] = A[M, K] @ dequant(B[K, N]); SCALE indexes N (forward) or, if not SCALE_OUT, K (backward).
+
+    Program (i, j, s) covers K in [s * k_per_split, (s + 1) * k_per_split). With several splits C is a float32
+    [splits, M, N] buffer of partial sums (the caller adds them and the bias): that is how a few rows (decode)
+    spread the weight read over the whole GPU."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(2) * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
         a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=(offs_m < M)[:, None] & (ks < K)[None, :], other=0.0)
+                    mask=(offs_m < M)[:, None] & (ks < k_end)[None, :], other=0.0)
         if not SCALE_OUT:  # the scale runs along the reduction: fold it into A's columns
-            a = (a.to(tl.float32) * tl.load(SCALE + ks, mask=ks < K, other=0.0)[None, :]).to(A.dtype.element_ty)
+            a = (a.to(tl.float32) * tl.load(SCALE + ks, mask=ks < k_end, other=0.0)[None, :]).to(A.dtype.element_ty)
         b = tl.load(B + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-                    mask=(ks < K)[:, None] & (offs_n < N)[None, :], other=0)
+                    mask=(ks < k_end)[:, None] & (offs_n < N)[None, :], other=0)
         acc += tl.dot(a, b.to(A.dtype.element_ty), input_precision=DOT_PRECISION)  # |q| <= 127: exact in fp16/bf16
     if SCALE_OUT:
         acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(C.dtype.element_ty),
-             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    tl.store(C + tl.program_id(2) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 def _blocks(m: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -52,22 +58,40 @@ def _blocks(m: int, device: torch.device) -> tuple[int, int, int, int]:
     return 128, 128, 64, 8
 
 
+def _k_splits(m: int, n_programs: int, k: int, block_k: int, device: torch.device) -> int:
+    """Decode (M <= 16): split K until the programs cover the GPU twice, keeping >= 2 K blocks per split."""
+    if m > 16:
+        return 1
+    # on the CPU interpreter, 8 still splits the test shapes several ways
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    min_blocks = 2 if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(target, n_programs), k // (min_blocks * block_k)))
+
+
 def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, scale_out: bool, n: int,
                    b_strides: tuple[int, int]) -> torch.Tensor:  # fmt: skip
     m, k = a.shape
-    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    if c.numel() == 0:
-        return c
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=a.dtype, device=a.device)
     block_m, block_n, block_k, warps = _blocks(m, a.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w8a16_kernel[grid](
+    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    k_per_split = triton.cdiv(triton.cdiv(k, _k_splits(m, grid_mn[0] * grid_mn[1], k, block_k, a.device)),
+                              block_k) * block_k  # fmt: skip
+    splits = triton.cdiv(k, k_per_split)
+    c = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype, device=a.device)
+    _w8a16_kernel[(*grid_mn, splits)](
         a, b_int8, scale, bias if bias is not None else scale, c,
-        m, n, k, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
-        SCALE_OUT=scale_out, HAS_BIAS=bias is not None,
+        m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1), c.stride(2),
+        SCALE_OUT=scale_out, HAS_BIAS=bias is not None and splits == 1,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
-    return c
+    if splits == 1:
+        return c[0]
+    out = c.sum(0)
+    if bias is not None:
+        out += bias.float()
+    return out.to(a.dtype)
 
 
 def quantize_per_channel(weight: torch.Tensor, rows_per_step: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
