@@ -30,7 +30,7 @@ def cmd_env(_: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device        {device} ({name})")
     backend, reason = choose_backend(device)
-    for op in ("rms_norm", "apply_rope", "swiglu", "attention", "int8_linear"):
+    for op in ("rms_norm", "apply_rope", "swiglu", "attention", "int8_linear", "linear_cross_entropy"):
         print(f"{op:<13} {backend}: {reason}")
 
 

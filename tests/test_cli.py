@@ -16,7 +16,7 @@ def test_env_reports_versions_and_backends(capsys):
     out = capsys.readouterr().out
     assert f"torch         {torch.__version__.split('+')[0]}" in out
     backend, reason = choose_backend(torch.device("cpu"))
-    for op in ("rms_norm", "apply_rope", "swiglu", "attention", "int8_linear"):
+    for op in ("rms_norm", "apply_rope", "swiglu", "attention", "int8_linear", "linear_cross_entropy"):
         assert f"{op:<13} {backend}: {reason}" in out
 
 
