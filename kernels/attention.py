@@ -11,6 +11,8 @@ key outputs zeros.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._backend import (
@@ -145,7 +147,8 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
     """``triton.autotune`` over (BLOCK_M, BLOCK_N, warps, stages) shapes: one list for head dims up to 128, one
     for larger ones (whose tiles must be smaller to fit shared memory). Autotuning happens on the first call per
     key: head dim, dtype and which masks apply; not the lengths, so that training and generation with ever-new
-    lengths do not recompile and retune (each new key compiles every config: seconds per kernel)."""
+    lengths do not recompile and retune (each new key compiles every config: seconds per kernel).
+    ``ACCEL_PATCH_AUTOTUNE=0`` keeps only the first shape of each list: one compile per key, no tuning."""
 
     def config(shape):
         block_m, block_n, warps, stages = shape
@@ -154,6 +157,8 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
     if interpreting():  # the CPU interpreter: one small tile keeps tests fast
         return triton.autotune(configs=[config((16, 16, 4, 1))], key=[])
     small, large = set(for_head_dim_up_to_128), set(for_head_dim_256)
+    if os.environ.get("ACCEL_PATCH_AUTOTUNE", "1") == "0":  # the first (best measured) shape of each list only
+        small, large = {for_head_dim_up_to_128[0]}, {for_head_dim_256[0]}
 
     def by_head_dim(configs, named_args, **kwargs):
         wanted = large if kwargs["BLOCK_D"] > 128 else small
@@ -167,7 +172,7 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
 
 
 @_autotune(
-    ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)),
+    ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)),  # first: last session's hand-tuned best
     ((64, 32, 8, 2), (32, 32, 4, 2)),
 )
 @triton.jit

@@ -1,4 +1,10 @@
+import os
+
 import torch
+
+# Autotuning compiles every config for each new (head dim, masks) key, which the many GPU test cases would
+# pay again and again: tests use the first config of each list; the benchmarks tune.
+os.environ.setdefault("ACCEL_PATCH_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):
