@@ -275,3 +275,13 @@ def test_load_warmup_counts_int8_bytes():
     expected = sum(t.numel() * (1 if name.rpartition(".")[0] in int8 and name.endswith(".weight") else
                                 t.element_size()) for name, t in [*model.named_parameters(), *model.named_buffers()])
     assert counted == expected
+
+
+def test_from_pretrained_int8_with_device_map_auto_generates(float_checkpoint):
+    ids = torch.randint(3, 256, (1, 6))
+    with force_backend("reference"):
+        placed = accel_patch.from_pretrained(float_checkpoint, quantize="int8", device_map="auto").eval()
+        plain = accel_patch.from_pretrained(float_checkpoint, quantize="int8").eval()
+        assert len(_int8_layers(placed)) == 2 * 7
+        expected = plain.generate(ids, max_new_tokens=5, do_sample=False)
+        assert torch.equal(placed.generate(ids, max_new_tokens=5, do_sample=False), expected)
