@@ -23,7 +23,6 @@ IGNORE_INDEX = -100  # HF's ForCausalLMLoss default
 def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *args,
                    labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
                    **kwargs) -> CausalLMOutputWithPast | tuple:  # fmt: skip
-    stock_forward = types.MethodType(type(self).forward, self)
     head = self.lm_head
     fusable = (
         labels is not None
@@ -34,7 +33,8 @@ def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: 
         and getattr(self.config, "final_logit_softcapping", None) is None
     )  # fmt: skip
     if not fusable:
-        return stock_forward(input_ids, attention_mask, *args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+        return type(self).forward(self, input_ids, attention_mask, *args, labels=labels,
+                                  logits_to_keep=logits_to_keep, **kwargs)
     return_dict = kwargs.pop("return_dict", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs.last_hidden_state
@@ -48,9 +48,11 @@ def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: 
     return output.to_tuple() if return_dict is False else output
 
 
-def _forward_slot(model: nn.Module) -> str:
-    # accelerate's device hooks keep the module's own forward in `_old_forward` and call it from a wrapper
-    return "_old_forward" if hasattr(model, "_hf_hook") else "forward"
+def _forward_slot(model: nn.Module) -> tuple[str, bool]:
+    """Where the model's own forward lives, and whether it is the fused one. accelerate's device hooks keep the
+    module's forward in ``_old_forward`` and call it from a wrapper."""
+    slot = "_old_forward" if hasattr(model, "_hf_hook") else "forward"
+    return slot, getattr(getattr(model, slot), "__func__", None) is _fused_forward
 
 
 def is_causal_lm(module: nn.Module, decoders: list[nn.Module]) -> bool:
@@ -59,20 +61,17 @@ def is_causal_lm(module: nn.Module, decoders: list[nn.Module]) -> bool:
 
 def install_fused_cross_entropy(model: nn.Module) -> bool:
     """Give ``model`` (a ``*ForCausalLM``) the fused-loss forward; False if it already has it."""
-    slot = _forward_slot(model)
-    if getattr(getattr(model, slot), "__func__", None) is _fused_forward:
-        return False
-    setattr(model, slot, types.MethodType(_fused_forward, model))
-    return True
+    slot, fused = _forward_slot(model)
+    if not fused:
+        setattr(model, slot, types.MethodType(_fused_forward, model))
+    return not fused
 
 
 def remove_fused_cross_entropy(model: nn.Module) -> bool:
     """Restore the class's forward; False if ``model`` did not have the fused one."""
-    slot = _forward_slot(model)
-    if getattr(getattr(model, slot), "__func__", None) is not _fused_forward:
-        return False
-    if slot == "forward":
+    slot, fused = _forward_slot(model)
+    if fused and slot == "forward":
         del model.forward
-    else:
+    elif fused:
         model._old_forward = types.MethodType(type(model).forward, model)
-    return True
+    return fused
