@@ -97,6 +97,18 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must share one device, got {listing}; move them with .to(device)")
 
 
+def autocast_cast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors in ``torch.autocast``'s dtype where autocast is on for their device (what ``F.linear``
+    would compute in), else unchanged. Ops that run matmuls inside one autograd node cast their inputs
+    up front, so forward and backward (which autocast does not cover) see one dtype, and the gradients
+    flow back to float32 master weights through the casts."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 # Custom-op dispatch, and autograd.Function's separate-setup_context form (it binds arguments through
 # inspect.signature on every call), cost more host time per call than the kernels take at LLaMA-8B
 # sizes (profiled on the H100 host, torch 2.11). So eager calls go straight to the implementation

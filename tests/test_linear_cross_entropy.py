@@ -88,3 +88,21 @@ def test_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(got, expected)
     for a, b in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_autocast_casts_like_lm_head_and_second_backward_is_refused(backend):
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)  # float32 master weight under bf16 autocast
+    labels = torch.randint(0, 50, (10,))
+    with force_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    logits = (hidden.detach().bfloat16() @ weight.detach().bfloat16().t()).double().requires_grad_()
+    expected = F.cross_entropy(logits, labels)
+    expected.backward()
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    assert rel_err(weight.grad, logits.grad.t() @ hidden.detach().bfloat16().double()) < 2e-2
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # the gradients were scaled in place
+        loss.backward()
