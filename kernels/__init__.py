@@ -7,7 +7,7 @@ from .int8_matmul import int8_linear, int8_linear_ref, quantize_per_channel
 from .linear_cross_entropy import linear_cross_entropy
 from .rms_norm import rms_norm, rms_norm_ref
 from .rope import apply_rope, rope_ref
-from .swiglu import swiglu, swiglu_ref
+from .swiglu import swiglu, swiglu_linear, swiglu_ref
 
 __all__ = [
     "apply_rope",
@@ -23,5 +23,6 @@ __all__ = [
     "rms_norm_ref",
     "rope_ref",
     "swiglu",
+    "swiglu_linear",
     "swiglu_ref",
 ]

@@ -2,13 +2,27 @@
 
 ``gate`` and ``up`` may be row-strided views (halves of a fused gate_up projection) as long as their
 last dim is contiguous.
+
+``swiglu_linear`` adds the MLP's down projection in the same autograd node, so that the gate's output (the
+projection's input, ``[tokens, intermediate]``) is not kept for the backward but recomputed there from
+``gate`` and ``up``, which the gate's own backward keeps anyway: one pass over memory buys back the largest
+activation of a decoder layer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._backend import (
+    as_rows,
+    autocast_cast,
+    check_float,
+    check_same_device,
+    differentiable,
+    eager_or_compiled,
+    use_triton,
+)
 from ._triton import tl, triton
 
 # Columns per program and warps, from benchmarks/tune_kernels.py on an H100 at 16384 x 14336 bf16:
@@ -131,6 +145,7 @@ def _(dy, gate, up):
     return gate.new_empty(gate.shape), up.new_empty(up.shape)
 
 
+_swiglu_forward = eager_or_compiled(_forward_op, _forward)
 _swiglu_backward = eager_or_compiled(_backward_op, _backward_impl)
 
 
@@ -146,8 +161,7 @@ def _backward(ctx, dy):
 _swiglu = differentiable(_forward_op, _forward, _setup_context, _backward)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` computed in float32, returned in ``gate``'s dtype."""
+def _check_gate_up(gate: torch.Tensor, up: torch.Tensor) -> None:
     check_float("gate", gate)
     check_float("up", up)
     if tuple(gate.shape) != tuple(up.shape):
@@ -157,4 +171,66 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.dim() == 0:
         raise ValueError("swiglu needs at least one dimension")
     check_same_device(gate=gate, up=up)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` computed in float32, returned in ``gate``'s dtype."""
+    _check_gate_up(gate, up)
     return _swiglu(gate, up)
+
+
+def _linear_forward(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return F.linear(_forward(gate, up), weight, bias)
+
+
+_linear_forward_op = torch.library.custom_op("accel_patch::swiglu_linear", _linear_forward, mutates_args=())
+
+
+@_linear_forward_op.register_fake
+def _(gate, up, weight, bias):
+    return gate.new_empty((*gate.shape[:-1], weight.shape[0]))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    gate, up, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(gate, up, weight)  # not silu(gate) * up: recomputed below
+
+
+def _linear_backward(ctx, dy):
+    gate, up, weight = ctx.saved_tensors
+    dy_rows = dy.reshape(-1, dy.shape[-1])
+    dweight = dbias = None
+    if ctx.needs_input_grad[2]:  # a frozen projection (LoRA) never needs the gate's output at all
+        hidden = _swiglu_forward(gate, up)
+        dweight = dy_rows.t() @ hidden.reshape(-1, hidden.shape[-1])
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        dbias = dy_rows.sum(0)
+    dgate, dup = _swiglu_backward(dy @ weight, gate, up)
+    return dgate, dup, dweight, dbias
+
+
+_swiglu_linear = differentiable(_linear_forward_op, _linear_forward, _linear_setup_context, _linear_backward)
+
+
+def swiglu_linear(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear(swiglu(gate, up), weight, bias)``, keeping only ``gate`` and ``up`` for the backward.
+
+    Under ``torch.autocast`` all four are cast to its dtype first, as ``F.linear`` would compute.
+    """
+    _check_gate_up(gate, up)
+    gate, up, weight, bias = autocast_cast(gate, up, weight, bias)
+    check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != gate.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} must be [out, {gate.shape[-1]}] for gate {tuple(gate.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias {tuple(bias.shape)} must be [{weight.shape[0]}]")
+    extra = {} if bias is None else {"bias": bias}
+    if len({t.dtype for t in (gate, weight, *extra.values())}) > 1:
+        raise TypeError(f"gate ({gate.dtype}), weight ({weight.dtype}) and bias must share a dtype")
+    check_same_device(gate=gate, weight=weight, **extra)
+    return _swiglu_linear(gate, up, weight, bias)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kernels import apply_rope, rms_norm, swiglu
+from ..kernels import apply_rope, rms_norm, swiglu, swiglu_linear
 from ..kernels._backend import use_triton
 from .hf_attention import accel_triton_attention
 
@@ -59,7 +59,19 @@ class SwiGLUMLP(KernelModule):
         self.gate_proj, self.up_proj, self.down_proj = stock.gate_proj, stock.up_proj, stock.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if _plain_linear(self.down_proj):  # the gate's output is recomputed in backward rather than stored
+            return swiglu_linear(gate, up, self.down_proj.weight, self.down_proj.bias)
+        return self.down_proj(swiglu(gate, up))
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose call is exactly ``F.linear``: not INT8, not wrapped by PEFT, no hooks and no
+    per-instance forward (accelerate's offload hooks replace it)."""
+    return (
+        type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+        and "forward" not in vars(module)
+    )  # fmt: skip
 
 
 def _stock_function(stock: nn.Module, name: str) -> Callable:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from accel_patch.kernels import apply_rope, choose_backend, force_backend, rms_norm, swiglu
+from accel_patch.kernels import apply_rope, choose_backend, force_backend, rms_norm, swiglu, swiglu_linear
 
 from helpers import CPU_DTYPES, TOL, backends_for, rel_err
 
@@ -226,6 +226,71 @@ def test_swiglu_halves_of_fused_projection(backend):
         assert rel_err(swiglu(gate, up), swiglu64(gate.double(), up.double())) < 1e-6
 
 
+SWIGLU_LINEAR_SHAPES = {"cpu": [((3, 5, 48), 24), ((7, 33), 10)], "cuda": [((4096, 8192), 2048)]}
+
+
+@pytest.mark.parametrize(CASE_IDS, CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_swiglu_linear(device, dtype, backend, with_bias):
+    for shape, out_features in SWIGLU_LINEAR_SHAPES[device]:
+        g, u = torch.randn(shape, device=device) * 3, torch.randn(shape, device=device)
+        w = torch.randn(out_features, shape[-1], device=device) * shape[-1] ** -0.5
+        b = torch.randn(out_features, device=device) if with_bias else None
+        inputs = {"gate": g, "up": u, "weight": w} | ({"bias": b} if with_bias else {})
+        leaves64 = {name: _leaf(t, torch.float64) for name, t in inputs.items()}
+        leaves = {name: _leaf(t, dtype) for name, t in inputs.items()}
+        with force_backend(backend):
+            y = swiglu_linear(leaves["gate"], leaves["up"], leaves["weight"], leaves.get("bias"))
+        assert y.dtype == dtype and y.shape == (*shape[:-1], out_features)
+        y64 = torch.nn.functional.linear(swiglu64(leaves64["gate"], leaves64["up"]), leaves64["weight"],
+                                         leaves64.get("bias"))  # fmt: skip
+        assert rel_err(y, y64) < TOL[dtype]
+        with force_backend(backend):
+            _grads_match(leaves64, y64, leaves, y, 2 * TOL[dtype])
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward while ``fn`` runs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+def test_swiglu_linear_keeps_gate_and_up_but_not_their_product():
+    g, u = torch.randn(64, 96, requires_grad=True), torch.randn(64, 96, requires_grad=True)
+    w = torch.randn(32, 96, requires_grad=True)
+    ours = _saved_bytes(lambda: swiglu_linear(g, u, w))
+    composed = _saved_bytes(lambda: torch.nn.functional.linear(swiglu(g, u), w))
+    product_bytes = 64 * 96 * 4
+    assert ours == 2 * product_bytes + w.numel() * 4
+    assert composed >= ours + product_bytes
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_swiglu_linear_frozen_weight_and_autocast(backend):
+    g, u = torch.randn(6, 40, requires_grad=True), torch.randn(6, 40, requires_grad=True)
+    w, b = torch.randn(12, 40) * 40**-0.5, torch.randn(12)
+    with force_backend(backend):
+        swiglu_linear(g, u, w, b).sum().backward()  # frozen projection, as under LoRA
+    g64, u64 = _leaf(g, torch.float64), _leaf(u, torch.float64)
+    torch.nn.functional.linear(swiglu64(g64, u64), w.double(), b.double()).sum().backward()
+    assert rel_err(g.grad, g64.grad) < 1e-5 and rel_err(u.grad, u64.grad) < 1e-5
+    # under autocast the float32 master weight gets a float32 gradient through the cast, like F.linear's
+    w.requires_grad_()
+    with force_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = swiglu_linear(g.detach(), u.detach(), w)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    expected = torch.ones(6, 12, dtype=torch.float64).t() @ swiglu64(g.detach().double(), u.detach().double())
+    assert w.grad.dtype == torch.float32 and rel_err(w.grad, expected) < 2e-2
+
+
 # ---------------------------------------------------------------- errors, dispatch, compile
 
 
@@ -253,6 +318,12 @@ def test_bad_inputs_raise_clear_errors():
         swiglu(x, torch.randn(4, 9))
     with pytest.raises(TypeError, match="same dtype"):
         swiglu(x, x.half())
+    with pytest.raises(ValueError, match=r"must be \[out, 8\]"):
+        swiglu_linear(x, x, torch.randn(3, 9))
+    with pytest.raises(ValueError, match=r"bias \(2,\) must be \[3\]"):
+        swiglu_linear(x, x, torch.randn(3, 8), torch.randn(2))
+    with pytest.raises(TypeError, match="must share a dtype"):
+        swiglu_linear(x, x, torch.randn(3, 8).half())
 
 
 def test_backend_choice_and_override(monkeypatch):
@@ -269,21 +340,22 @@ def test_backend_choice_and_override(monkeypatch):
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_ops_compile_fullgraph(backend):
-    def block(x, w, q, k, cos, sin, g, u):
+    def block(x, w, q, k, cos, sin, g, u, down):
         y, h = rms_norm(x, w, 1e-6, residual=x * 2)
         qo, ko = apply_rope(q, k, cos, sin)
-        return y.sum() + h.sum() + qo.sum() + ko.sum() + swiglu(g, u).sum()
+        return y.sum() + h.sum() + qo.sum() + ko.sum() + swiglu(g, u).sum() + swiglu_linear(g, u, down).square().sum()
 
     torch._dynamo.reset()
     args = [torch.randn(3, 16), torch.rand(16) + 0.5, torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)]
-    args += list(hf_cos_sin(1, 5, 8, "cpu")) + [torch.randn(3, 24), torch.randn(3, 24)]
-    args = [a.requires_grad_() if i in (0, 1, 2, 6) else a for i, a in enumerate(args)]
+    args += list(hf_cos_sin(1, 5, 8, "cpu")) + [torch.randn(3, 24), torch.randn(3, 24), torch.randn(5, 24)]
+    leaves = (0, 1, 2, 6, 8)
+    args = [a.requires_grad_() if i in leaves else a for i, a in enumerate(args)]
     with force_backend(backend):
         expected = block(*args)
-        expected_grads = torch.autograd.grad(expected, [args[i] for i in (0, 1, 2, 6)])
+        expected_grads = torch.autograd.grad(expected, [args[i] for i in leaves])
         compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
         got = compiled(*args)
-        got_grads = torch.autograd.grad(got, [args[i] for i in (0, 1, 2, 6)])
+        got_grads = torch.autograd.grad(got, [args[i] for i in leaves])
     torch.testing.assert_close(got, expected)
     for a, b in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b)
