@@ -70,12 +70,13 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def token_stream(args: argparse.Namespace, vocab_size: int) -> torch.Tensor:
-    """All training tokens, 1-D: the text file tokenized (bytes for --tiny), or a learnable synthetic pattern."""
+def token_stream(args: argparse.Namespace, vocab_size: int, world: int) -> torch.Tensor:
+    """All training tokens, 1-D: the text file tokenized (bytes for --tiny), or a learnable synthetic pattern
+    of four global batches (so runs with the same global batch see the same data, whatever the process count)."""
     if args.data is None:
         generator = torch.Generator().manual_seed(args.seed)
         motif = torch.randint(0, vocab_size, (97,), generator=generator)  # a repeating motif: the loss can fall
-        return motif.repeat(args.seq_len * args.batch_size * 4 // 97 + 2)
+        return motif.repeat(args.seq_len * args.batch_size * world * 4 // 97 + 2)
     text = args.data.read_text()
     if args.tiny:
         return torch.tensor(list(text.encode()), dtype=torch.long)
@@ -102,9 +103,9 @@ def train(args: argparse.Namespace) -> tuple[list[float], torch.nn.Module]:
     model = load_model(args)
     lr = args.lr or (1e-3 if args.mode == "lora" else 1e-4)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    data = batches(token_stream(args, model.config.vocab_size), args, accelerator.process_index,
-                   accelerator.num_processes)  # fmt: skip
+    world = accelerator.num_processes
+    data = batches(token_stream(args, model.config.vocab_size, world), args, accelerator.process_index, world)
+    model, optimizer = accelerator.prepare(model, optimizer)  # under DDP/FSDP, a wrapper without .config
     losses: list[float] = []
     progress = tqdm(range(args.max_steps), disable=not accelerator.is_main_process)
     model.train()

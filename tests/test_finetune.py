@@ -1,6 +1,10 @@
 """examples/finetune.py: patched training follows stock training, LoRA on INT8 learns, checkpoints reload."""
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +59,35 @@ def test_lora_on_int8_lowers_the_loss_and_saves_the_adapter(tmp_path):
     ids = torch.randint(0, 256, (2, 16))
     with torch.no_grad(), force_backend("reference"):
         assert torch.allclose(reloaded(ids).logits, model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+DDP_WORKER = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import finetune
+losses = finetune.main(sys.argv[3:])
+if os.environ["RANK"] == "0":
+    json.dump(losses, open(sys.argv[2], "w"))
+"""
+
+
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
+    # accelerate's DDP engine on CPU (gloo): 2 processes x 2 sequences against 1 process x 4, patched model
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    env = os.environ | {"ACCELERATE_USE_CPU": "true", "ACCEL_PATCH_BACKEND": "reference", "OMP_NUM_THREADS": "1"}
+    examples = Path(finetune.__file__).parent
+    args = ["--tiny", "--seq-len", "32", "--max-steps", "6"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(worker), str(examples), str(tmp_path / "losses.json"), *args, "--batch-size", "2"],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    two_processes = json.loads((tmp_path / "losses.json").read_text())
+    with force_backend("reference"):
+        one_process = finetune.main([*args, "--batch-size", "4"])
+    assert len(two_processes) == 6 and one_process[-1] < one_process[0]
+    for step, (a, b) in enumerate(zip(one_process, two_processes, strict=True)):
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
 
 
 @pytest.mark.gpu
