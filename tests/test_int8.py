@@ -241,6 +241,8 @@ def test_loading_int8_peaks_below_1_25x_the_int8_model(tmp_path):
     ids = torch.randint(0, 32000, (2, 16), device="cuda")
     with torch.no_grad():
         expected = float_model(ids).logits.float()
+        # the same weights quantized and patched in memory: the loader must produce this very model
+        expected_int8 = accel_patch.patch_model(accel_patch.quantize_model(float_model, "int8"))(ids).logits.float()
     del float_model
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -252,7 +254,11 @@ def test_loading_int8_peaks_below_1_25x_the_int8_model(tmp_path):
     assert held > 0.8e9 and peak <= 1.25 * held
     assert len(_int8_layers(model)) == 12 * 7 and all(m.weight.is_cuda for m in _int8_layers(model).values())
     with torch.no_grad():
-        assert rel_err(model(ids).logits, expected) < 0.03
+        logits = model(ids).logits
+        assert rel_err(logits, expected_int8) < 1e-3
+        # against the bf16 model: 5% measured on the H100 (random-init weights through 84 quantized layers);
+        # the 3% accuracy bound is the CPU test's, on a small float32 model
+        assert rel_err(logits, expected) < 0.1
         tokens = model.generate(ids[:1, :8], max_new_tokens=8, do_sample=False)
     assert tokens.shape == (1, 16)
 
