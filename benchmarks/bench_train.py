@@ -7,6 +7,8 @@ carry over. Reports tokens/s (median step) and peak GPU memory; writes benchmark
 
     python benchmarks/bench_train.py              # all configs and variants, on a CUDA GPU
     python benchmarks/bench_train.py --tiny       # a seconds-long smoke run of the script itself (CPU works)
+    python benchmarks/bench_train.py --configs LLaMA-3.2-1B --variants "HF sdpa" ours
+    python benchmarks/bench_train.py --profile LLaMA-3.2-1B ours   # the step's CUDA kernels, by total time
 """
 
 from __future__ import annotations
@@ -58,6 +60,22 @@ def build(config_name: str, variant: str, tiny: bool, device: str) -> torch.nn.M
     return model.train()
 
 
+def profile(config_name: str, variant: str, tiny: bool) -> None:
+    """Print the CUDA kernels of one training step, by total device time: where the step's time goes."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    measure(config_name, variant, tiny, steps=1)  # warm-up: compilation and autotuning stay out of the trace
+    batch, seq = (2, 32) if tiny else (4, 2048)
+    model = build(config_name, variant, tiny, device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] * (device == "cuda"))
+    with torch.profiler.profile(activities=activities) as trace:
+        model(input_ids=ids, labels=ids).loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(trace.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+
+
 def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, seq = (2, 32) if tiny else (4, 2048)
@@ -81,18 +99,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument("--profile", nargs=2, metavar=("CONFIG", "VARIANT"))
     parser.add_argument("--only", nargs=2, metavar=("CONFIG", "VARIANT"), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
+    if args.profile:
+        profile(*args.profile, args.tiny)
+        return
     if args.only:
         print(json.dumps(measure(*args.only, args.tiny, args.steps)))
         return
     from common import has, write_table
 
-    variants = [v for v in VARIANTS if has("liger_kernel") or not v.startswith("Liger")]
+    variants = [v for v in args.variants if has("liger_kernel") or not v.startswith("Liger")]
     shape = "2 x 32 (--tiny)" if args.tiny else "4 x 2048"
     rows, notes = [], [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
                        f"{args.steps} steps after 3 warm-up; each variant in its own process"]
-    for config_name in CONFIGS:
+    for config_name in args.configs:
         baseline = None
         for variant in variants:
             child = subprocess.run([sys.executable, __file__, "--only", config_name, variant, "--steps",
@@ -101,15 +125,17 @@ def main() -> None:
             if child.returncode != 0:
                 last = (child.stderr.strip().splitlines() or ["no output"])[-1]
                 notes.append(f"{config_name} / {variant}: failed: {last[:200]}")
+                print(notes[-1], flush=True)
                 continue
             result = json.loads(child.stdout.strip().splitlines()[-1])
             baseline = baseline or result["tokens_per_s"]
             rows.append([config_name, variant, f"{result['tokens_per_s'] / 1e3:.1f}k",
                          f"{result['tokens_per_s'] / baseline:.2f}x", f"{result['peak_gb']:.1f}"])  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)  # as it comes: a long run cut short still reports
     if not has("liger_kernel"):
         notes.append("liger-kernel is not installed: its rows are missing")
     if args.tiny:  # a check of the script, not a measurement: nothing goes to results/
-        print("\n".join(" | ".join(row) for row in rows), *notes, sep="\n")
+        print(*notes, sep="\n")
         return
     write_table("train", "Training step (forward + backward), ~1B-parameter configs, bf16",
                 ["config", "variant", "tokens/s", "vs HF sdpa", "peak GB"], rows, notes)  # fmt: skip
