@@ -127,7 +127,8 @@ def eager_or_compiled(op: Callable, impl: Callable) -> Callable:
 
 def differentiable(op, impl: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """Register ``backward`` on the custom ``op`` and return a caller that uses the same autograd
-    formula through an ``autograd.Function`` in eager mode."""
+    formula through an ``autograd.Function`` in eager mode (and the bare ``impl`` when nothing needs a
+    gradient)."""
     op.register_autograd(backward, setup_context=setup_context)
 
     def forward(ctx, *args):
@@ -140,4 +141,12 @@ def differentiable(op, impl: Callable, setup_context: Callable, backward: Callab
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
-    return eager_or_compiled(op, function.apply)
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return function.apply(*args)
+        return impl(*args)  # inference (generate, no_grad): no autograd node to build, less host time per call
+
+    return call

@@ -8,6 +8,8 @@ applied along its reduction dimension; the int8 weight itself gets no gradient.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
@@ -58,12 +60,17 @@ def _blocks(m: int, device: torch.device) -> tuple[int, int, int, int]:
     return 128, 128, 64, 8
 
 
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _k_splits(m: int, n_programs: int, k: int, block_k: int, device: torch.device) -> int:
     """Decode (M <= 16): split K until the programs cover the GPU twice, keeping >= 2 K blocks per split."""
     if m > 16:
         return 1
     # on the CPU interpreter, 8 still splits the test shapes several ways
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    target = 2 * _sm_count(device.index) if device.type == "cuda" else 8
     min_blocks = 2 if device.type == "cuda" else 1
     return max(1, min(triton.cdiv(target, n_programs), k // (min_blocks * block_k)))
 
