@@ -60,6 +60,20 @@ def build(config_name: str, variant: str, tiny: bool, device: str) -> torch.nn.M
     return model.train()
 
 
+def model_flops_per_token(config_name: str, tiny: bool, seq: int) -> float:
+    """Matmul FLOPs of forward + backward per token (3x the forward's): every Linear and the LM head, and causal
+    attention over the whole sequence (a sliding window is not discounted). What MFU counts, not what a variant
+    runs: recomputation is not included."""
+    family, fields = CONFIGS[config_name]
+    c = AutoConfig.for_model(family, **(TINY if tiny else fields))
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q_dim, kv_dim = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    per_layer = c.hidden_size * (2 * q_dim + 2 * kv_dim) + 3 * c.hidden_size * c.intermediate_size
+    linear = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size  # multiply-adds per token
+    attention = c.num_hidden_layers * seq * q_dim  # QK^T and PV (2x), over half the keys on average (causal)
+    return 3 * 2 * (linear + attention)  # forward + backward, 2 FLOPs per multiply-add
+
+
 def profile(config_name: str, variant: str, tiny: bool) -> None:
     """Print the CUDA kernels of one training step, by total device time: where the step's time goes."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,12 +124,15 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure(*args.only, args.tiny, args.steps)))
         return
-    from common import has, write_table
+    from common import has, peak_bf16_tflops, write_table
 
     variants = [v for v in args.variants if has("liger_kernel") or not v.startswith("Liger")]
     shape = "2 x 32 (--tiny)" if args.tiny else "4 x 2048"
+    peak = None if args.tiny else peak_bf16_tflops()
     rows, notes = [], [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
-                       f"{args.steps} steps after 3 warm-up; each variant in its own process"]
+                       f"{args.steps} steps after 3 warm-up; each variant in its own process",
+                       f"MFU: model matmul FLOPs (6 x Linear and LM-head parameters + causal attention, per token) "
+                       f"x tokens/s over the GPU's dense bf16 peak ({peak or 'unknown'} TFLOP/s)"]  # fmt: skip
     for config_name in args.configs:
         baseline = None
         for variant in variants:
@@ -129,16 +146,18 @@ def main() -> None:
                 continue
             result = json.loads(child.stdout.strip().splitlines()[-1])
             baseline = baseline or result["tokens_per_s"]
+            flops = model_flops_per_token(config_name, args.tiny, 32 if args.tiny else 2048) * result["tokens_per_s"]
             rows.append([config_name, variant, f"{result['tokens_per_s'] / 1e3:.1f}k",
-                         f"{result['tokens_per_s'] / baseline:.2f}x", f"{result['peak_gb']:.1f}"])  # fmt: skip
+                         f"{result['tokens_per_s'] / baseline:.2f}x", f"{flops / 1e12:.0f}",
+                         f"{flops / 1e12 / peak:.0%}" if peak else "n/a", f"{result['peak_gb']:.1f}"])  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)  # as it comes: a long run cut short still reports
     if not has("liger_kernel"):
         notes.append("liger-kernel is not installed: its rows are missing")
     if args.tiny:  # a check of the script, not a measurement: nothing goes to results/
         print(*notes, sep="\n")
         return
-    write_table("train", "Training step (forward + backward), ~1B-parameter configs, bf16",
-                ["config", "variant", "tokens/s", "vs HF sdpa", "peak GB"], rows, notes)  # fmt: skip
+    header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB"]
+    write_table("train", "Training step (forward + backward), ~1B-parameter configs, bf16", header, rows, notes)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,16 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
+# Dense bf16 tensor-core peaks from the vendor's datasheets, in TFLOP/s: the ceiling for MFU. Matched in order
+# against the device name ("H100 PCIe" before the SXM "H100").
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_bf16_tflops() -> float | None:
+    name = gpu_name()
+    return next((peak for gpu, peak in PEAK_BF16_TFLOPS.items() if gpu in name), None)
+
+
 def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
