@@ -130,6 +130,8 @@ def train(args: argparse.Namespace) -> tuple[list[float], torch.nn.Module]:
         accelerator.unwrap_model(model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                                                         save_function=accelerator.save,
                                                         state_dict=accelerator.get_state_dict(model))  # fmt: skip
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: left to interpreter exit, gloo can abort there
     return losses, accelerator.unwrap_model(model)
 
 
