@@ -116,6 +116,9 @@ def _forward(
     only when ``weight_grad``: a frozen LM head, as under LoRA, skips that matmul and its buffer)."""
     tokens, width = hidden.shape
     vocab = weight.shape[0]
+    if tokens == 0:  # no rows to launch kernels over: a zero loss, as with every label ignored
+        grad_weight = torch.zeros(weight.shape if weight_grad else (0,), dtype=weight.dtype, device=weight.device)
+        return hidden.new_zeros((), dtype=torch.float32), torch.zeros_like(hidden), grad_weight
     divisor = (labels != ignore_index).sum() if num_items is None else num_items.to(hidden.device)
     scale = (1.0 / divisor.float().clamp_min(1.0)).reshape(1)  # no host sync: the kernel reads it from memory
     triton_path = use_triton(hidden)

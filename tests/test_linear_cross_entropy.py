@@ -54,6 +54,16 @@ def test_all_labels_ignored_gives_zero_loss_and_gradients(backend):
     assert loss.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
 
 
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_no_tokens_gives_zero_loss_and_gradients(backend):
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(20, 8, requires_grad=True)
+    with force_backend(backend):
+        loss = linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long))
+        loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8) and not weight.grad.any()
+
+
 def test_frozen_weight_gets_no_gradient():
     hidden = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(20, 8)  # frozen, as the LM head under LoRA
