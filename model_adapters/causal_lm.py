@@ -3,7 +3,7 @@
 Installed per instance (an instance attribute shadowing the class's ``forward``; under an accelerate device
 hook, the hook's saved forward), so other models in the process keep the stock forward. It computes the loss
 exactly as HF's ``ForCausalLMLoss`` (labels shifted left, ``-100`` ignored, ``num_items_in_batch`` honoured)
-and falls back to the stock forward wherever logits are wanted or the head is not a plain ``nn.Linear``.
+and falls back to the stock forward wherever logits are wanted or the head is not a plain, unhooked ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..kernels import linear_cross_entropy
+from .modules import plain_linear
 
 IGNORE_INDEX = -100  # HF's ForCausalLMLoss default
 
@@ -29,7 +30,7 @@ def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: 
         and torch.is_grad_enabled()  # the fused op computes gradients in its forward: pointless without them
         and not args  # past the first two arguments HF passes everything by keyword; else the stock path
         and isinstance(logits_to_keep, int) and logits_to_keep == 0
-        and type(head) is nn.Linear and head.bias is None
+        and plain_linear(head) and head.bias is None
         and getattr(self.config, "final_logit_softcapping", None) is None
     )  # fmt: skip
     if not fusable:

@@ -60,14 +60,15 @@ class SwiGLUMLP(KernelModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if _plain_linear(self.down_proj):  # the gate's output is recomputed in backward rather than stored
+        if plain_linear(self.down_proj):  # the gate's output is recomputed in backward rather than stored
             return swiglu_linear(gate, up, self.down_proj.weight, self.down_proj.bias)
         return self.down_proj(swiglu(gate, up))
 
 
-def _plain_linear(module: nn.Module) -> bool:
+def plain_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` whose call is exactly ``F.linear``: not INT8, not wrapped by PEFT, no hooks and no
-    per-instance forward (accelerate's offload hooks replace it)."""
+    per-instance forward (accelerate's device and offload hooks replace it). Only then may a fused op read its
+    ``weight`` directly instead of calling it."""
     return (
         type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
         and "forward" not in vars(module)
