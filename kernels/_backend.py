@@ -142,11 +142,9 @@ def differentiable(op, impl: Callable, setup_context: Callable, backward: Callab
         {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
 
-    def call(*args):
-        if torch.compiler.is_compiling():
-            return op(*args)
+    def eager(*args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return function.apply(*args)
         return impl(*args)  # inference (generate, no_grad): no autograd node to build, less host time per call
 
-    return call
+    return eager_or_compiled(op, eager)
