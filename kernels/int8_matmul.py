@@ -51,11 +51,14 @@ def _w8a16_kernel(
              acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+DECODE_ROWS = 16  # up to this many rows the GEMM is memory-bound: small tiles and split-K
+
+
 def _blocks(m: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps); small M is the memory-bound decode regime."""
     if device.type != "cuda":
         return 16, 32, 32, 4
-    if m <= 16:
+    if m <= DECODE_ROWS:
         return 16, 64, 256, 4
     return 128, 128, 64, 8
 
@@ -66,8 +69,8 @@ def _sm_count(device_index: int | None) -> int:
 
 
 def _k_splits(m: int, n_programs: int, k: int, block_k: int, device: torch.device) -> int:
-    """Decode (M <= 16): split K until the programs cover the GPU twice, keeping >= 2 K blocks per split."""
-    if m > 16:
+    """Decode (M <= DECODE_ROWS): split K until the programs cover the GPU twice, keeping >= 2 K blocks per split."""
+    if m > DECODE_ROWS:
         return 1
     # on the CPU interpreter, 8 still splits the test shapes several ways
     target = 2 * _sm_count(device.index) if device.type == "cuda" else 8
