@@ -72,14 +72,16 @@ def _softmax_grad_kernel(LOGITS, LABELS, LSE, SCALE, stride_row, V, col_start, i
         tl.store(base + cols, grad.to(LOGITS.dtype.element_ty), mask=cols < V)
 
 
-def _block_v(logits: torch.Tensor) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(logits.shape[1])) if logits.is_cuda else 64
+def _row_launch(logits: torch.Tensor) -> dict[str, int]:
+    """Block width and warps of the per-row kernels (the CPU interpreter: small blocks)."""
+    if not logits.is_cuda:
+        return {"BLOCK_V": 64, "num_warps": 4}
+    return {"BLOCK_V": min(MAX_BLOCK_V, triton.next_power_of_2(logits.shape[1])), "num_warps": 8}
 
 
 def _logsumexp_update_triton(logits, labels, row_max, row_sum, label_logit, col_start: int) -> None:
     _logsumexp_update_kernel[(logits.shape[0],)](logits, labels, row_max, row_sum, label_logit, logits.stride(0),
-                                                 logits.shape[1], col_start, BLOCK_V=_block_v(logits),
-                                                 num_warps=8 if logits.is_cuda else 4)  # fmt: skip
+                                                 logits.shape[1], col_start, **_row_launch(logits))  # fmt: skip
 
 
 def _logsumexp_update_ref(logits, labels, row_max, row_sum, label_logit, col_start: int) -> None:
@@ -96,8 +98,7 @@ def _logsumexp_update_ref(logits, labels, row_max, row_sum, label_logit, col_sta
 
 def _softmax_grad_triton(logits, labels, lse, scale, col_start: int, ignore_index: int) -> None:
     _softmax_grad_kernel[(logits.shape[0],)](logits, labels, lse, scale, logits.stride(0), logits.shape[1],
-                                             col_start, ignore_index, BLOCK_V=_block_v(logits),
-                                             num_warps=8 if logits.is_cuda else 4)  # fmt: skip
+                                             col_start, ignore_index, **_row_launch(logits))  # fmt: skip
 
 
 def _softmax_grad_ref(logits, labels, lse, scale, col_start: int, ignore_index: int) -> None:
