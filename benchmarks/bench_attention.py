@@ -1,6 +1,7 @@
 """Causal attention, bf16: our Triton kernel vs scaled_dot_product_attention with each backend, one run.
 
-Training shapes report TFLOP/s (causal forward = 2·B·H·N²·D, forward+backward 3.5x that); decode
+Training shapes report TFLOP/s (causal forward = 2·B·H·N²·D, forward+backward 3.5x that), timed as CUDA-graph
+replays so that small shapes measure the kernels rather than the host's launches; decode
 (one query per sequence) reports GB/s of K and V read against the measured copy bandwidth.
 Run on a CUDA GPU: ``python benchmarks/bench_attention.py``.
 """
@@ -13,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from accel_patch.kernels import attention
 
-from common import copy_bandwidth, graph_ms, median_ms, pass_step, write_table
+from common import copy_bandwidth, graph_ms, pass_step, write_table
 
 DT = torch.bfloat16
 TRAIN_SHAPES = [(4, 32, 32, 2048), (1, 32, 32, 8192), (8, 32, 8, 1024)]  # batch, q heads, kv heads, seq
@@ -46,8 +47,8 @@ def main() -> None:
             results = {}
             for name, run in _impls(q, k, v).items():
                 try:
-                    fwd = median_ms(pass_step(run, False))
-                    fwd_bwd = median_ms(pass_step(run, True), grad_to_none=[q, k, v])
+                    fwd = graph_ms(pass_step(run, False), [])
+                    fwd_bwd = graph_ms(pass_step(run, True), [q, k, v])
                 except RuntimeError as error:  # a backend that does not take this shape
                     notes.append(f"{name} on ({batch}, {n_q}/{n_kv}, {seq}, {head_dim}): {str(error).splitlines()[0]}")
                     continue
@@ -74,6 +75,7 @@ def main() -> None:
                                     f"{rate / copy_bw:.0%}"])
     header = ["shape (B, Hq/Hkv, N, D) causal", "implementation", "fwd TFLOP/s", "fwd+bwd TFLOP/s",
               "ours / this (fwd)", "ours / this (fwd+bwd)"]
+    notes.insert(0, "times are medians of CUDA-graph replays: device time, without the host's launch overhead")
     write_table("attention", "Causal attention, bf16", header, rows, notes)
     write_table("attention-decode", "Decode attention (1 query; 32 query / 8 KV heads x 128), bf16",
                 ["batch, KV length", "implementation", "µs (graph replay)", "GB/s of K+V", "of copy BW"], decode_rows,

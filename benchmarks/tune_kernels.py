@@ -30,16 +30,18 @@ def _sweep(title: str, configs, run, flops: float) -> None:
 
 
 def _tune_attention_dim(d: int) -> None:
-    """Run the autotuned attention kernels once and print every config's time, as the autotuner measured it."""
-    b, h, n = 4, 32, 2048
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    """Run the autotuned attention kernels once and print every config's time, as the autotuner measured it.
+    The shape is LLaMA-3's (32 query heads over 8 KV heads) at batch 4 x 2048 tokens."""
+    b, h, h_kv, n = 4, 32, 8, 2048
+    q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, h_kv, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     flops = 2 * b * h * n * n * d  # causal forward
     out, lse = attention_module._attn_fwd_triton(q, k, v, None, None, True, 0, d**-0.5)
     attention_module._attn_bwd_triton(torch.randn_like(out), q, k, v, out, lse, None, None, True, 0, d**-0.5)
     kernels = (("fwd", attention_module._attn_fwd_kernel, 1.0), ("bwd dK/dV", attention_module._attn_bwd_dkdv_kernel,
                1.5), ("bwd dQ", attention_module._attn_bwd_dq_kernel, 1.0))  # fmt: skip
     for name, kernel, share in kernels:
-        print(f"attention {name} ({b}, {h}, {n}, {d}) causal: BLOCK_M, BLOCK_N, warps, stages -> ms, TFLOP/s")
+        print(f"attention {name} ({b}, {h}/{h_kv}, {n}, {d}) causal: BLOCK_M, BLOCK_N, warps, stages -> ms, TFLOP/s")
         for config, timing in sorted(kernel.configs_timings.items(), key=lambda item: item[1][0]):
             shape = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
             print(f"  {shape}: {timing[0]:.3f} ms, {share * flops / timing[0] / 1e9:5.0f}")

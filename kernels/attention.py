@@ -270,12 +270,14 @@ def _attn_bwd_dkdv_blocks(
     return dk, dv
 
 
-# the three fastest of seven in benchmarks/tune_kernels.py at (4, 32, 2048, 128 and 64) on an H100
-_BWD_SHAPES_UP_TO_128 = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
+# The first three: the fastest of seven in benchmarks/tune_kernels.py at (4, 32, 2048, 128 and 64) on an H100.
+# Then the tile each kernel's loop favours: dK/dV keeps a wide key block and walks narrow query blocks, dQ the
+# reverse (as FlashAttention-2's Triton tutorial splits them).
+_BWD_SHAPES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
 _BWD_SHAPES_256 = ((32, 32, 8, 1), (32, 32, 4, 1))
 
 
-@_autotune(_BWD_SHAPES_UP_TO_128, _BWD_SHAPES_256)
+@_autotune(_BWD_SHAPES + ((32, 128, 4, 3), (64, 128, 8, 2)), _BWD_SHAPES_256)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
@@ -352,11 +354,11 @@ def _attn_bwd_dq_blocks(
     return dq
 
 
-@_autotune(_BWD_SHAPES_UP_TO_128, _BWD_SHAPES_256)
+@_autotune(_BWD_SHAPES + ((128, 32, 4, 3), (128, 64, 4, 3)), _BWD_SHAPES_256)
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, MASK, KPM,
-    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h, sdq_b, sdq_h, sdq_s,
+    Q, K, V, OUT, DO, LSE, DELTA, DQ, MASK, KPM,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_h, sdq_s,
     sm_b, sm_q, sm_k, skpm_b,
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -375,7 +377,11 @@ def _attn_bwd_dq_kernel(
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, seq_q, sdo_s, offs_d, HEAD_DIM)
     row_base = (b * n_q_heads + h) * seq_q
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    # delta = rowsum(dO * O), computed here (this kernel runs before dK/dV's, which reads it back) rather than in
+    # a separate pass over dO and O
+    o = _load_rows(OUT + b * so_b + h * so_h, offs_m, seq_q, so_s, offs_d, HEAD_DIM)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + row_base + offs_m, delta, mask=m_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b * sk_b + kv_h * sk_h
     v_base = V + b * sv_b + kv_h * sv_h
@@ -553,7 +559,7 @@ def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
 def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):
     batch, n_q, seq_q, head_dim = q.shape
     n_kv, seq_k = k.shape[1], k.shape[2]
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [batch, heads, seq_q]
+    delta = torch.empty((batch, n_q, seq_q), dtype=torch.float32, device=q.device)  # written by the dQ kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     common = dict(
@@ -562,6 +568,14 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
+        q, k, v, out, dout, lse, delta, dq, mask, kpm,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
+        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
+    )  # fmt: skip
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv)](
         q, k, v, dout, lse, delta, dk, dv, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -569,13 +583,6 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         sm_b, sm_q, sm_k, skpm_b,
         n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
-    )  # fmt: skip
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
-        q, k, v, dout, lse, delta, dq, mask, kpm,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
-        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
     )  # fmt: skip
     return dq, dk, dv
 

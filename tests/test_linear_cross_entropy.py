@@ -116,3 +116,20 @@ def test_autocast_casts_like_lm_head_and_second_backward_is_refused(backend):
     assert rel_err(weight.grad, logits.grad.t() @ hidden.detach().bfloat16().double()) < 2e-2
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # the gradients were scaled in place
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_loss_only_and_weight_only_gradients(backend):
+    """No gradient wanted (eval) gives the same loss; a hidden state that needs none still yields the weight's."""
+    hidden = torch.randn(30, 8)  # 30 tokens: four chunks of 8
+    weight = torch.randn(50, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (30,))
+    labels[3] = -100
+    logits = (hidden.double() @ weight.detach().double().t()).requires_grad_()
+    expected = F.cross_entropy(logits, labels)
+    expected.backward()
+    with force_backend(backend):
+        with torch.no_grad():
+            assert abs(linear_cross_entropy(hidden, weight, labels).item() - expected.item()) < 1e-5 * expected.item()
+        linear_cross_entropy(hidden, weight, labels).backward()
+    assert rel_err(weight.grad, logits.grad.t() @ hidden.double()) < 1e-5
