@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,25 @@ def profile(config_name: str, variant: str, tiny: bool) -> None:
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(trace.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    if device == "cuda":
+        print_device_idle(trace)
+
+
+def print_device_idle(trace: torch.profiler.profile, top: int = 12) -> None:
+    """Where the GPU waited for the host: the gaps between one kernel's end and the next one's start."""
+    kernels = sorted((e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)  # fmt: skip
+    busy_until, last_name, gaps = kernels[0].time_range.end, kernels[0].name, []
+    for event in kernels[1:]:
+        if event.time_range.start > busy_until:
+            gaps.append((event.time_range.start - busy_until, last_name, event.name))
+        if event.time_range.end > busy_until:
+            busy_until, last_name = event.time_range.end, event.name
+    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    idle = sum(gap for gap, _, _ in gaps)
+    print(f"device busy span {span / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in {len(gaps)} gaps; the largest:")
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {gap:8.0f} us  after {before[:60]}  before {after[:60]}")
 
 
 def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
@@ -129,12 +149,14 @@ def main() -> None:
     variants = [v for v in args.variants if has("liger_kernel") or not v.startswith("Liger")]
     shape = "2 x 32 (--tiny)" if args.tiny else "4 x 2048"
     peak = None if args.tiny else peak_bf16_tflops()
-    rows, notes = [], [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
+    notes = [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
                        f"{args.steps} steps after 3 warm-up; each variant in its own process",
                        f"MFU: model matmul FLOPs (6 x Linear and LM-head parameters + causal attention, per token) "
                        f"x tokens/s over the GPU's dense bf16 peak ({peak or 'unknown'} TFLOP/s)"]  # fmt: skip
+    if not has("liger_kernel"):
+        notes.append("liger-kernel is not installed: its rows are missing")
     for config_name in args.configs:
-        baseline = None
+        rows, baseline = [], None
         for variant in variants:
             child = subprocess.run([sys.executable, __file__, "--only", config_name, variant, "--steps",
                                     str(args.steps), *(["--tiny"] if args.tiny else [])],
@@ -151,13 +173,13 @@ def main() -> None:
                          f"{result['tokens_per_s'] / baseline:.2f}x", f"{flops / 1e12:.0f}",
                          f"{flops / 1e12 / peak:.0%}" if peak else "n/a", f"{result['peak_gb']:.1f}"])  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)  # as it comes: a long run cut short still reports
-    if not has("liger_kernel"):
-        notes.append("liger-kernel is not installed: its rows are missing")
-    if args.tiny:  # a check of the script, not a measurement: nothing goes to results/
-        print(*notes, sep="\n")
-        return
-    header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB"]
-    write_table("train", "Training step (forward + backward), ~1B-parameter configs, bf16", header, rows, notes)
+        if args.tiny:  # a check of the script, not a measurement: nothing goes to results/
+            print(*notes, sep="\n")
+            continue
+        header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB"]
+        # one table per config, so that configs measured in separate runs do not overwrite each other
+        write_table(f"train-{re.sub(r'[^A-Za-z0-9]+', '-', config_name)}",
+                    f"Training step (forward + backward), {config_name} config, bf16", header, rows, notes)
 
 
 if __name__ == "__main__":

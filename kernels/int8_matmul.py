@@ -9,21 +9,83 @@ applied along its reduction dimension; the int8 weight itself gets no gradient.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
+from ._backend import (
+    check_float,
+    check_same_device,
+    differentiable,
+    eager_or_compiled,
+    interpreting,
+    unit_last_stride,
+    use_triton,
+)
 from ._triton import tl, triton
 
 
+def _tiled_configs():
+    """Tile shapes for the prefill/training kernel, autotuned per (N, K, which operand the scale runs along and
+    the row count's power of two): one small tile on the CPU interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+              (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
+    if os.environ.get("ACCEL_PATCH_AUTOTUNE", "1") == "0":
+        shapes = shapes[:1]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bm, bk, w, st in shapes]  # fmt: skip
+
+
+@triton.autotune(configs=_tiled_configs(), key=["N", "K", "SCALE_OUT", "m_bucket"])
 @triton.jit
-def _w8a16_kernel(
+def _w8a16_tiled_kernel(
+    A, B, SCALE, BIAS, C,
+    M, N, K, m_bucket, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr = 8,
+):
+    """C[M, N] = A[M, K] @ dequant(B[K, N]), computed as its transpose ``dequant(B)^T @ A^T``: the int8 tile,
+    converted in registers, is the left operand, which Hopper's wgmma reads from registers; a converted right
+    operand would first be written back to shared memory. SCALE indexes N (forward) or, if not SCALE_OUT, K."""
+    # grouped order: GROUP_N weight-row blocks share each activation block while both sit in L2
+    pid = tl.program_id(0)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    group = pid // (GROUP_N * blocks_m)
+    first_n = group * GROUP_N
+    group_size = tl.minimum(blocks_n - first_n, GROUP_N)
+    offs_n = (first_n + pid % group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = (pid % (GROUP_N * blocks_m)) // group_size * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        w = tl.load(B + offs_n[:, None] * stride_bn + ks[None, :] * stride_bk,
+                    mask=(offs_n < N)[:, None] & (ks < K)[None, :], other=0)
+        a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=(offs_m < M)[:, None] & (ks < K)[None, :], other=0.0)
+        if not SCALE_OUT:  # the scale runs along the reduction: fold it into A's columns
+            a = (a.to(tl.float32) * tl.load(SCALE + ks, mask=ks < K, other=0.0)[None, :]).to(A.dtype.element_ty)
+        acc += tl.dot(w.to(A.dtype.element_ty), tl.trans(a), input_precision=DOT_PRECISION)
+    if SCALE_OUT:
+        acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn, acc.to(C.dtype.element_ty),
+             mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
+def _w8a16_decode_kernel(
     A, B, SCALE, BIAS, C,
     M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[M, N] = A[M, K] @ dequant(B[K, N]); SCALE indexes N (forward) or, if not SCALE_OUT, K (backward).
+    """Few rows (decode): C[M, N] = A[M, K] @ dequant(B[K, N]); SCALE indexes N (forward) or, if not SCALE_OUT,
+    K (backward).
 
     Program (i, j, s) covers K in [s * k_per_split, (s + 1) * k_per_split). With several splits C is a float32
     [splits, M, N] buffer of partial sums (the caller adds them and the bias): that is how a few rows (decode)
@@ -54,13 +116,9 @@ def _w8a16_kernel(
 DECODE_ROWS = 16  # up to this many rows the GEMM is memory-bound: small tiles and split-K
 
 
-def _blocks(m: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps); small M is the memory-bound decode regime."""
-    if device.type != "cuda":
-        return 16, 32, 32, 4
-    if m <= DECODE_ROWS:
-        return 16, 64, 256, 4
-    return 128, 128, 64, 8
+def _decode_blocks(device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of the decode kernel (the CPU interpreter: small tiles)."""
+    return (16, 64, 256, 4) if device.type == "cuda" else (16, 32, 32, 4)
 
 
 @functools.cache
@@ -68,10 +126,8 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _k_splits(m: int, n_programs: int, k: int, block_k: int, device: torch.device) -> int:
-    """Decode (M <= DECODE_ROWS): split K until the programs cover the GPU twice, keeping >= 2 K blocks per split."""
-    if m > DECODE_ROWS:
-        return 1
+def _k_splits(n_programs: int, k: int, block_k: int, device: torch.device) -> int:
+    """Split K until the decode programs cover the GPU twice, keeping >= 2 K blocks per split."""
     # on the CPU interpreter, 8 still splits the test shapes several ways
     target = 2 * _sm_count(device.index) if device.type == "cuda" else 8
     min_blocks = 2 if device.type == "cuda" else 1
@@ -83,18 +139,27 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
     m, k = a.shape
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=a.dtype, device=a.device)
-    block_m, block_n, block_k, warps = _blocks(m, a.device)
+    flags = dict(SCALE_OUT=scale_out, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+    if m > DECODE_ROWS:
+        c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _w8a16_tiled_kernel[grid](
+            a, b_int8, scale, bias if bias is not None else scale, c,
+            m, n, k, min(triton.next_power_of_2(m), 8192), a.stride(0), a.stride(1), *b_strides, c.stride(0),
+            c.stride(1), HAS_BIAS=bias is not None, **flags,
+        )  # fmt: skip
+        return c
+    block_m, block_n, block_k, warps = _decode_blocks(a.device)
     grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    k_per_split = triton.cdiv(triton.cdiv(k, _k_splits(m, grid_mn[0] * grid_mn[1], k, block_k, a.device)),
+    k_per_split = triton.cdiv(triton.cdiv(k, _k_splits(grid_mn[0] * grid_mn[1], k, block_k, a.device)),
                               block_k) * block_k  # fmt: skip
     splits = triton.cdiv(k, k_per_split)
     c = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype, device=a.device)
-    _w8a16_kernel[(*grid_mn, splits)](
+    _w8a16_decode_kernel[(*grid_mn, splits)](
         a, b_int8, scale, bias if bias is not None else scale, c,
         m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1), c.stride(2),
-        SCALE_OUT=scale_out, HAS_BIAS=bias is not None and splits == 1,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        HAS_BIAS=bias is not None and splits == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, **flags,
     )  # fmt: skip
     if splits == 1:
         return c[0]
