@@ -53,10 +53,40 @@ def accel_triton_attention(
     return output, None
 
 
+def _is_plain_sliding_window(
+    local_size: int | None = None, allow_is_causal_skip: bool = True, attention_mask: torch.Tensor | None = None,
+    kv_length: int = 0, q_length: int | None = None, cache_position: torch.Tensor | None = None,
+    mask_function=None, **_,
+) -> bool:
+    """True when the mask HF asks for is exactly "causal within ``local_size`` keys" over aligned queries and keys:
+    no padding, no packing, no or/and mask functions (HF clears ``allow_is_causal_skip`` for those)."""
+    if local_size is None or not allow_is_causal_skip or mask_function is None or torch.compiler.is_compiling():
+        return False
+    if q_length is None:  # older transformers pass the queries' positions instead of their count
+        q_length = cache_position.shape[0] if cache_position is not None else -1
+    if q_length not in (1, kv_length):  # the queries must be the last positions of the keys
+        return False
+    if attention_mask is not None and not bool(attention_mask.all()):
+        return False
+    # local_size also comes with chunked attention (Llama 4): check the mask function is the sliding window's
+    q = 2 * local_size
+    expected = {q: True, q - local_size + 1: True, q - local_size: False, q + 1: False}
+    index = torch.tensor
+    return all(bool(mask_function(index(0), index(0), index(q), index(k))) == want for k, want in expected.items())
+
+
+def accel_triton_mask(*args, **kwargs) -> torch.Tensor | None:
+    """HF's SDPA mask, except that a plain sliding-window causal mask is not built: the attention then gets no
+    mask and applies the module's ``sliding_window`` itself, skipping the key blocks outside the window instead of
+    reading a ``[seq, seq]`` mask in every block."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if not args and _is_plain_sliding_window(**kwargs) else sdpa_mask(*args, **kwargs)
+
+
 def register() -> None:
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, accel_triton_attention)
     # Without a mask function under the same name, HF would hand this attention no mask at all.
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, accel_triton_mask)

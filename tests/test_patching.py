@@ -340,3 +340,20 @@ def test_fused_cross_entropy_follows_hf_loss_conventions(backend):
     assert "forward" in vars(patched)
     unpatch_model(patched)
     assert "forward" not in vars(patched) and patched(ids, labels=labels).logits is not None
+
+
+def test_plain_sliding_window_builds_no_mask_and_others_do():
+    """The window goes to the kernel as a number; padding and chunked attention still get HF's dense mask."""
+    from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
+
+    from accel_patch.model_adapters.hf_attention import accel_triton_mask
+
+    window = dict(batch_size=1, q_length=10, kv_length=10, local_size=4,
+                  mask_function=sliding_window_causal_mask_function(4))  # fmt: skip
+    assert accel_triton_mask(**window) is None
+    padded = dict(window, attention_mask=torch.tensor([[0] + [1] * 9]))
+    assert torch.equal(accel_triton_mask(**padded), sdpa_mask(**padded))
+    chunked = dict(window, mask_function=chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)))
+    assert torch.equal(accel_triton_mask(**chunked), sdpa_mask(**chunked))
+    no_skip = dict(window, allow_is_causal_skip=False)  # packed sequences, or/and mask functions
+    assert torch.equal(accel_triton_mask(**no_skip), sdpa_mask(**no_skip))
