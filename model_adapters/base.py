@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..kernels._backend import choose
+from .hf_attention import ATTENTION_NAME
 from .modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
 
 SWIGLU_ACTIVATIONS = ("silu", "swish")
@@ -100,12 +102,35 @@ def patch_decoder(
             )
             swapped["attention"] += int(attention)
             swapped["rope"] += int(rope)
+    if attention and any(adapter.sliding_window(config, i) for i in range(len(decoder.layers))):
+        _build_masks_for_the_kernel(decoder)
     return swapped
+
+
+# where patch_decoder keeps the implementation name it replaced, for unpatch_tree
+_STOCK_IMPLEMENTATION = "_accel_patch_stock_attn_implementation"
+
+
+def _build_masks_for_the_kernel(decoder: nn.Module) -> None:
+    """Have HF build this decoder's masks with the ``accel_triton`` mask function. Under ``sdpa`` HF writes a
+    sliding window into a dense ``[seq, seq]`` mask, which the kernel must then read in every block; ours leaves
+    a plain window out, and the kernel applies the layer's window itself, skipping the blocks outside it. Only
+    where the kernels run: elsewhere the stock attention path, and its own masks, stay as loaded. (The patched
+    attention's fallback then is ``accel_triton``'s, which takes the reference path off CUDA.)"""
+    first = next(decoder.parameters(), None)
+    config = decoder.config
+    if first is None or choose(first.device)[0] != "triton" or config._attn_implementation == ATTENTION_NAME:
+        return
+    decoder.__dict__[_STOCK_IMPLEMENTATION] = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
 
 
 def unpatch_tree(model: nn.Module) -> int:
     """Put every stock module back (with the current parameters); returns how many were restored."""
     restored = 0
+    for module in model.modules():
+        if _STOCK_IMPLEMENTATION in module.__dict__:
+            module.config._attn_implementation = module.__dict__.pop(_STOCK_IMPLEMENTATION)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, KernelModule):

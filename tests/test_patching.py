@@ -357,3 +357,27 @@ def test_plain_sliding_window_builds_no_mask_and_others_do():
     assert torch.equal(accel_triton_mask(**chunked), sdpa_mask(**chunked))
     no_skip = dict(window, allow_is_causal_skip=False)  # packed sequences, or/and mask functions
     assert torch.equal(accel_triton_mask(**no_skip), sdpa_mask(**no_skip))
+
+
+@pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
+def test_sliding_window_reaches_the_kernel_as_a_number(family_name, backend):
+    """Where the kernels run, HF builds no dense mask for a plain sliding window: the kernel applies it. Logits
+    still match stock, padding still brings the dense mask, and unpatching restores the implementation."""
+    stock, patched = stock_and_patched(family_name)
+    seen = []
+    for module in patched.modules():
+        if isinstance(module, Attention) and module.sliding_window:
+            module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["attention_mask"]),
+                                             with_kwargs=True)  # fmt: skip
+    ids = torch.randint(3, VOCAB, (2, 20))  # longer than the window, no padding
+    assert rel_err(patched(ids).logits, stock(ids).logits) < 1e-4
+    kernel_runs = backend == "triton"
+    assert patched.config._attn_implementation == ("accel_triton" if kernel_runs else "sdpa")
+    assert seen and all((mask is None) == kernel_runs for mask in seen)
+    seen.clear()
+    ids, mask = left_padded_batch()
+    assert rel_err(patched(ids, attention_mask=mask).logits[mask.bool()], stock(ids, attention_mask=mask).logits[
+        mask.bool()]) < 1e-4  # fmt: skip
+    assert seen and all(mask is not None for mask in seen)
+    unpatch_model(patched)
+    assert patched.config._attn_implementation == "sdpa"
