@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -144,7 +143,7 @@ def main() -> None:
     if args.only:
         print(json.dumps(measure(*args.only, args.tiny, args.steps)))
         return
-    from common import has, peak_bf16_tflops, write_table
+    from common import has, peak_bf16_tflops, slug, write_table
 
     variants = [v for v in args.variants if has("liger_kernel") or not v.startswith("Liger")]
     shape = "2 x 32 (--tiny)" if args.tiny else "4 x 2048"
@@ -178,7 +177,7 @@ def main() -> None:
             continue
         header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB"]
         # one table per config, so that configs measured in separate runs do not overwrite each other
-        write_table(f"train-{re.sub(r'[^A-Za-z0-9]+', '-', config_name)}",
+        write_table(f"train-{slug(config_name)}",
                     f"Training step (forward + backward), {config_name} config, bf16", header, rows, notes)
 
 

@@ -72,6 +72,11 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
+def slug(name: str) -> str:
+    """``name`` as a file-name part: runs of anything but letters and digits become one dash."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
 def write_table(stem: str, title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> Path:
     """Write a markdown table named after the benchmark and the GPU; also print it."""
     lines = [f"# {title}", "", f"GPU: {gpu_name()}; torch {torch.__version__}, triton {triton.__version__}; "
@@ -81,7 +86,7 @@ def write_table(stem: str, title: str, header: list[str], rows: list[list[str]],
     lines += [""] + [f"- {note}" for note in notes]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{stem}-{re.sub(r'[^A-Za-z0-9]+', '-', gpu_name()).strip('-')}.md"
+    path = RESULTS / f"{stem}-{slug(gpu_name())}.md"
     path.write_text(text)
     print(text)
     return path

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -22,6 +22,12 @@ _forced: str | None = None
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through Triton's interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tile_choices(shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The launch shapes an autotuner tries: all of them, or under ``ACCEL_PATCH_AUTOTUNE=0`` only the first (each
+    list puts its best measured shape first): one compile per key, no tuning."""
+    return list(shapes[:1] if os.environ.get("ACCEL_PATCH_AUTOTUNE", "1") == "0" else shapes)
 
 
 def _requested() -> str:

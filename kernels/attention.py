@@ -11,8 +11,6 @@ key outputs zeros.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ._backend import (
@@ -21,6 +19,7 @@ from ._backend import (
     differentiable,
     eager_or_compiled,
     interpreting,
+    tile_choices,
     unit_last_stride,
     use_triton,
 )
@@ -156,9 +155,7 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
 
     if interpreting():  # the CPU interpreter: one small tile keeps tests fast
         return triton.autotune(configs=[config((16, 16, 4, 1))], key=[])
-    small, large = set(for_head_dim_up_to_128), set(for_head_dim_256)
-    if os.environ.get("ACCEL_PATCH_AUTOTUNE", "1") == "0":  # the first (best measured) shape of each list only
-        small, large = {for_head_dim_up_to_128[0]}, {for_head_dim_256[0]}
+    small, large = set(tile_choices(for_head_dim_up_to_128)), set(tile_choices(for_head_dim_256))
 
     def by_head_dim(configs, named_args, **kwargs):
         wanted = large if kwargs["BLOCK_D"] > 128 else small

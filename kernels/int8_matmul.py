@@ -9,7 +9,6 @@ applied along its reduction dimension; the int8 weight itself gets no gradient.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -19,6 +18,7 @@ from ._backend import (
     differentiable,
     eager_or_compiled,
     interpreting,
+    tile_choices,
     unit_last_stride,
     use_triton,
 )
@@ -32,10 +32,8 @@ def _tiled_configs():
         return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
               (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
-    if os.environ.get("ACCEL_PATCH_AUTOTUNE", "1") == "0":
-        shapes = shapes[:1]
     return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bm, bk, w, st in shapes]  # fmt: skip
+            for bn, bm, bk, w, st in tile_choices(shapes)]  # fmt: skip
 
 
 @triton.autotune(configs=_tiled_configs(), key=["N", "K", "SCALE_OUT", "m_bucket"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..kernels._backend import choose
+from ..kernels._backend import use_triton
 from .hf_attention import ATTENTION_NAME
 from .modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
 
@@ -119,7 +119,7 @@ def _build_masks_for_the_kernel(decoder: nn.Module) -> None:
     attention's fallback then is ``accel_triton``'s, which takes the reference path off CUDA.)"""
     first = next(decoder.parameters(), None)
     config = decoder.config
-    if first is None or choose(first.device)[0] != "triton" or config._attn_implementation == ATTENTION_NAME:
+    if first is None or not use_triton(first) or config._attn_implementation == ATTENTION_NAME:
         return
     decoder.__dict__[_STOCK_IMPLEMENTATION] = config._attn_implementation
     config._attn_implementation = ATTENTION_NAME
