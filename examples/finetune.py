@@ -11,6 +11,7 @@ The saved checkpoint reloads with plain transformers (full) or PEFT (lora: the a
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-patch", action="store_true", help="train the stock HF model, for comparison")
     parser.add_argument("--output-dir", type=Path, help="where to save the trained model (or the adapter)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-json", type=Path, help="write every step's loss and seconds, and peak GPU memory")
     return parser.parse_args(argv)
 
 
@@ -107,10 +109,12 @@ def train(args: argparse.Namespace) -> tuple[list[float], torch.nn.Module]:
     data = batches(token_stream(args, model.config.vocab_size, world), args, accelerator.process_index, world)
     model, optimizer = accelerator.prepare(model, optimizer)  # under DDP/FSDP, a wrapper without .config
     losses: list[float] = []
+    step_seconds: list[float] = []
     progress = tqdm(range(args.max_steps), disable=not accelerator.is_main_process)
     model.train()
     start, tokens_seen = time.perf_counter(), 0
     for _ in progress:
+        step_start = time.perf_counter()
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(args.grad_accum):
             ids = next(data).to(accelerator.device)
@@ -121,9 +125,12 @@ def train(args: argparse.Namespace) -> tuple[list[float], torch.nn.Module]:
                 optimizer.zero_grad()
             step_loss += loss.detach() / args.grad_accum
             tokens_seen += ids.numel() * accelerator.num_processes
-        losses.append(accelerator.reduce(step_loss, "mean").item())
+        losses.append(accelerator.reduce(step_loss, "mean").item())  # .item() waits for the step to finish
+        step_seconds.append(time.perf_counter() - step_start)
         rate = tokens_seen / (time.perf_counter() - start)
         progress.set_postfix(loss=f"{losses[-1]:.4f}", tokens_per_s=f"{rate:.0f}")
+    if args.log_json is not None:
+        write_log(args, accelerator, losses, step_seconds)
     if args.output_dir is not None:
         accelerator.wait_for_everyone()
         # full: a plain transformers checkpoint (patching never changes the state_dict); lora: the adapter
@@ -133,6 +140,18 @@ def train(args: argparse.Namespace) -> tuple[list[float], torch.nn.Module]:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: left to interpreter exit, gloo can abort there
     return losses, accelerator.unwrap_model(model)
+
+
+def write_log(args: argparse.Namespace, accelerator: Accelerator, losses: list[float], seconds: list[float]) -> None:
+    """The run's record for benchmarks: losses, step times, tokens per step, and the largest per-process peak."""
+    peak = torch.cuda.max_memory_allocated(accelerator.device) if accelerator.device.type == "cuda" else 0
+    peak = accelerator.gather(torch.tensor([peak], device=accelerator.device)).max().item()
+    if accelerator.is_main_process:
+        record = {"losses": losses, "step_seconds": seconds, "processes": accelerator.num_processes,
+                  "distributed_type": str(accelerator.distributed_type.value),
+                  "tokens_per_step": args.seq_len * args.batch_size * args.grad_accum * accelerator.num_processes,
+                  "peak_gpu_bytes_per_process": peak}  # fmt: skip
+        args.log_json.write_text(json.dumps(record))
 
 
 def main(argv: list[str] | None = None) -> list[float]:

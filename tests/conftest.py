@@ -8,10 +8,10 @@ os.environ.setdefault("ACCEL_PATCH_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):
-    # GPU tests run on the device machine; without CUDA they are deselected (never reported as passed).
-    if torch.cuda.is_available():
-        return
-    deselected = [item for item in items if "gpu" in item.keywords]
+    # GPU tests run on the device machine; without the GPUs a test needs it is deselected (never reported as passed)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    needs = {"gpu": 1, "two_gpus": 2}
+    deselected = [item for item in items if any(mark in item.keywords and gpus < n for mark, n in needs.items())]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if "gpu" not in item.keywords]
+        items[:] = [item for item in items if item not in deselected]

@@ -100,3 +100,38 @@ def test_bf16_training_on_the_gpu_follows_stock(monkeypatch):
     # bf16 rounding differs step by step; the curves, averaged over 30-step windows, agree within 2%
     stock_windows, patched_windows = stock.view(10, 30).mean(1), patched.view(10, 30).mean(1)
     assert ((patched_windows - stock_windows).abs() <= 0.02 * stock_windows).all(), (stock_windows, patched_windows)
+
+
+FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+               "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT"]
+
+
+@pytest.mark.gpu
+@pytest.mark.two_gpus
+@pytest.mark.parametrize("engine", ["DDP", "FSDP2"])
+def test_two_gpus_match_one_gpu_with_the_same_global_batch(engine, tmp_path):
+    # accelerate's own engines on two GPUs, float32, patched model: every step's loss and the saved weights
+    # agree with one GPU training on the same global batch (4 sequences a step)
+    flags = ["--multi_gpu"] if engine == "DDP" else FSDP2_FLAGS
+    script = Path(finetune.__file__)
+    runs = {}
+    for name, processes, batch, extra in [("one", 1, 4, []), ("two", 2, 2, flags)]:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes",
+                   str(processes), "--mixed_precision", "no", "--dynamo_backend", "no", *extra, str(script),
+                   "--tiny", "--seq-len", "64", "--batch-size", str(batch), "--max-steps", "8",
+                   "--log-json", str(tmp_path / f"{name}.json"), "--output-dir", str(tmp_path / name)]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["two"]["processes"] == 2 and runs["two"]["distributed_type"] == ("MULTI_GPU" if engine == "DDP"
+                                                                                  else "FSDP")  # fmt: skip
+    one, two = runs["one"]["losses"], runs["two"]["losses"]
+    assert one[-1] < one[0]
+    for step, (a, b) in enumerate(zip(one, two, strict=True)):
+        assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
+    # the checkpoints are plain transformers checkpoints (FSDP2 gathers the full state dict) with the same weights
+    saved_one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    saved_two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    assert saved_one.keys() == saved_two.keys()
+    for key, weight in saved_one.items():
+        assert torch.allclose(saved_two[key], weight, rtol=1e-3, atol=1e-5), key
