@@ -62,7 +62,7 @@ def tune_swiglu() -> None:
             gs, us, dys = g.view(shape), u.view(shape), dy.view(shape)
             try:
                 fwd = median_ms(lambda: swiglu_module._swiglu_fwd_triton(gs, us, block, warps))  # noqa: B023
-                bwd = median_ms(lambda: swiglu_module._swiglu_bwd_triton(dys, gs, us, block, warps))  # noqa: B023
+                bwd = median_ms(lambda: swiglu_module._swiglu_bwd_triton(dys, gs, us, block=block, warps=warps))  # noqa: B023
             except Exception as error:
                 print(f"  {block} {warps} {layout}: failed {type(error).__name__}")
                 continue
@@ -113,7 +113,7 @@ def main() -> None:
     for block in (1024, 2048, 4096, 8192):
         for warps in (4, 8, 16):
             fwd = median_ms(lambda b=block, w=warps: swiglu_module._swiglu_fwd_triton(g, u, b, w))
-            bwd = median_ms(lambda b=block, w=warps: swiglu_module._swiglu_bwd_triton(dy, g, u, b, w))
+            bwd = median_ms(lambda b=block, w=warps: swiglu_module._swiglu_bwd_triton(dy, g, u, block=b, warps=w))
             fwd_rate, bwd_rate = 3 * m * n * 2 / fwd / 1e-3, 5 * m * n * 2 / bwd / 1e-3
             print(f"  {block:>5} {warps:>2}: {fwd_rate / 1e9:6.0f} ({fwd_rate / copy_bw:.0%})"
                   f" {bwd_rate / 1e9:6.0f} ({bwd_rate / copy_bw:.0%})")

@@ -5,8 +5,9 @@ last dim is contiguous.
 
 ``swiglu_linear`` adds the MLP's down projection in the same autograd node, so that the gate's output (the
 projection's input, ``[tokens, intermediate]``) is not kept for the backward but recomputed there from
-``gate`` and ``up``, which the gate's own backward keeps anyway: one pass over memory buys back the largest
-activation of a decoder layer.
+``gate`` and ``up``, which the gate's own backward keeps anyway. The backward kernel writes it next to the
+gradients, in the pass that reads ``gate`` and ``up`` for them: no extra read buys back the largest activation
+of a decoder layer.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, stride_y, N, BLOCK: tl.const
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY, G, U, DG, DU, stride_dy, stride_g, stride_u, stride_dg, stride_du, N, BLOCK: tl.constexpr
+    DY, G, U, DG, DU, Y, stride_dy, stride_g, stride_u, stride_dg, stride_du, stride_y, N,
+    BLOCK: tl.constexpr, WRITE_Y: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -59,6 +61,8 @@ def _swiglu_bwd_kernel(
     sig = tl.sigmoid(g)
     silu = g * sig
     tl.store(DU + row * stride_du + cols, (dy * silu).to(DU.dtype.element_ty), mask=mask)
+    if WRITE_Y:  # the forward's output, for the down projection's weight gradient
+        tl.store(Y + row * stride_y + cols, (silu * u).to(Y.dtype.element_ty), mask=mask)
     dg = dy * u * (sig + silu * (1.0 - sig))
     tl.store(DG + row * stride_dg + cols, dg.to(DG.dtype.element_ty), mask=mask)
 
@@ -89,18 +93,19 @@ def _swiglu_fwd_triton(gate, up, block=None, warps=None):
     return y.view(gate.shape)
 
 
-def _swiglu_bwd_triton(dy, gate, up, block=None, warps=None):
+def _swiglu_bwd_triton(dy, gate, up, with_output=False, block=None, warps=None):
     (dy2, g2, u2), default_block, default_warps = _as_2d(dy, gate, up)
     block, warps = block or default_block, warps or default_warps
     m, n = g2.shape
     dg = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
     du = torch.empty((m, n), dtype=up.dtype, device=up.device)
+    y = torch.empty((m, n) if with_output else (0, n), dtype=gate.dtype, device=gate.device)
     if dg.numel():
         _swiglu_bwd_kernel[(m, triton.cdiv(n, block))](
-            dy2, g2, u2, dg, du, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0), n,
-            BLOCK=block, num_warps=warps,
+            dy2, g2, u2, dg, du, y, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
+            y.stride(0), n, BLOCK=block, WRITE_Y=with_output, num_warps=warps,
         )  # fmt: skip
-    return dg.view(gate.shape), du.view(up.shape)
+    return dg.view(gate.shape), du.view(up.shape), y.view(gate.shape) if with_output else y.view(0)
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -109,14 +114,14 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_bwd_ref(
-    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, with_output: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d gate, d up, and the forward's output if ``with_output``, else an empty tensor)."""
     g, u, d = gate.float(), up.float(), dy.float()
     sig = torch.sigmoid(g)
     silu = g * sig
-    return (d * u * (sig + silu * (1 - sig))).to(gate.dtype).contiguous(), (d * silu).to(
-        up.dtype
-    ).contiguous()
+    y = (silu * u).to(gate.dtype).contiguous() if with_output else gate.new_empty(0)
+    return (d * u * (sig + silu * (1 - sig))).to(gate.dtype).contiguous(), (d * silu).to(up.dtype).contiguous(), y
 
 
 def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -125,10 +130,12 @@ def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_ref(gate, up)
 
 
-def _backward_impl(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_impl(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, with_output: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(gate):
-        return _swiglu_bwd_triton(dy, gate, up)
-    return swiglu_bwd_ref(dy, gate, up)
+        return _swiglu_bwd_triton(dy, gate, up, with_output)
+    return swiglu_bwd_ref(dy, gate, up, with_output)
 
 
 _forward_op = torch.library.custom_op("accel_patch::swiglu", _forward, mutates_args=())
@@ -141,11 +148,10 @@ def _(gate, up):
 
 
 @_backward_op.register_fake
-def _(dy, gate, up):
-    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+def _(dy, gate, up, with_output):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape), gate.new_empty(gate.shape if with_output else (0,))
 
 
-_swiglu_forward = eager_or_compiled(_forward_op, _forward)
 _swiglu_backward = eager_or_compiled(_backward_op, _backward_impl)
 
 
@@ -155,7 +161,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    return _swiglu_backward(dy, gate, up)
+    dgate, dup, _ = _swiglu_backward(dy, gate, up, False)
+    return dgate, dup
 
 
 _swiglu = differentiable(_forward_op, _forward, _setup_context, _backward)
@@ -202,13 +209,10 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, dy):
     gate, up, weight = ctx.saved_tensors
     dy_rows = dy.reshape(-1, dy.shape[-1])
-    dweight = dbias = None
-    if ctx.needs_input_grad[2]:  # a frozen projection (LoRA) never needs the gate's output at all
-        hidden = _swiglu_forward(gate, up)
-        dweight = dy_rows.t() @ hidden.reshape(-1, hidden.shape[-1])
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        dbias = dy_rows.sum(0)
-    dgate, dup = _swiglu_backward(dy @ weight, gate, up)
+    weight_grad = ctx.needs_input_grad[2]  # a frozen projection (LoRA) never needs the gate's output at all
+    dgate, dup, hidden = _swiglu_backward(dy @ weight, gate, up, weight_grad)
+    dweight = dy_rows.t() @ hidden.reshape(-1, hidden.shape[-1]) if weight_grad else None
+    dbias = dy_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
     return dgate, dup, dweight, dbias
 
 
