@@ -111,6 +111,42 @@ def _w8a16_decode_kernel(
              acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit
+def _w8a16_gemv_kernel(
+    A, B, SCALE, BIAS, C, N, K, stride_bk, stride_bn,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One row (batch-1 decode), forward: C[N] = dequant(B)[N, K] @ A[K], without tensor cores. Each program
+    reads BLOCK_N whole weight rows along K, keeps float32 products per lane and reduces them once at the end:
+    one kernel, no split-K partial sums to add afterwards."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < K
+        w = tl.load(rows + ks[None, :] * stride_bk, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        a = tl.load(A + ks, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * a.to(tl.float32)[None, :]  # |q| <= 127 times a 16-bit float: exact in float32
+    out = tl.sum(acc, 1) * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(C + offs_n, out.to(C.dtype.element_ty), mask=n_ok)
+
+
+def _gemv_blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the one-row kernel: as many weight rows per program as still gives two programs per
+    SM, and about 8K weight bytes per tile (the CPU interpreter: small tiles)."""
+    if device.type != "cuda":
+        return 4, 32
+    block_n = 32
+    while block_n > 1 and triton.cdiv(n, block_n) < 2 * _sm_count(device.index):
+        block_n //= 2
+    return block_n, min(8192 // block_n, max(256, triton.next_power_of_2(k)))
+
+
 DECODE_ROWS = 16  # up to this many rows the GEMM is memory-bound: small tiles and split-K
 
 
@@ -145,6 +181,14 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
             a, b_int8, scale, bias if bias is not None else scale, c,
             m, n, k, min(triton.next_power_of_2(m), 8192), a.stride(0), a.stride(1), *b_strides, c.stride(0),
             c.stride(1), HAS_BIAS=bias is not None, **flags,
+        )  # fmt: skip
+        return c
+    if m == 1 and scale_out:
+        c = torch.empty((1, n), dtype=a.dtype, device=a.device)
+        block_n, block_k = _gemv_blocks(n, k, a.device)
+        _w8a16_gemv_kernel[(triton.cdiv(n, block_n),)](
+            a, b_int8, scale, bias if bias is not None else scale, c, n, k, *b_strides,
+            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
         )  # fmt: skip
         return c
     block_m, block_n, block_k, warps = _decode_blocks(a.device)
