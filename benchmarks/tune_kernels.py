@@ -1,5 +1,5 @@
 """Sweep launch configs of the memory-bound backward kernels at LLaMA-3-8B shapes (bf16, CUDA), and print what the
-attention kernels' autotuner measured for each of its configs.
+attention kernels' autotuner measured for each of its configs. Modes: (none), attention, swiglu, gemv (INT8 one row).
 
 Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can be chosen by measurement.
 """
@@ -7,17 +7,19 @@ Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import torch
 import triton
 
-from common import copy_bandwidth, median_ms
+from common import copy_bandwidth, graph_ms, median_ms
 
 # the package exports functions of the same names, so fetch the modules themselves
 rms_norm_module = importlib.import_module("accel_patch.kernels.rms_norm")
 rope_module = importlib.import_module("accel_patch.kernels.rope")
 swiglu_module = importlib.import_module("accel_patch.kernels.swiglu")
 attention_module = importlib.import_module("accel_patch.kernels.attention")
+int8_module = importlib.import_module("accel_patch.kernels.int8_matmul")
 
 
 def _sweep(title: str, configs, run, flops: float) -> None:
@@ -68,6 +70,26 @@ def tune_swiglu() -> None:
                 continue
             fwd_rate, bwd_rate = 3 * m * n * 2 / fwd / 1e-3, 5 * m * n * 2 / bwd / 1e-3
             print(f"  {block:>5} {warps:>2} {layout:<11}: fwd {fwd_rate / copy_bw:.1%}  bwd {bwd_rate / copy_bw:.1%}")
+
+
+def tune_gemv() -> None:
+    """The INT8 one-row (batch-1 decode) kernel at LLaMA-3-8B shapes, device time of CUDA-graph replays."""
+    copy_bw = copy_bandwidth()
+    print(f"W8A16 one row: (in, out), BLOCK_N, BLOCK_K, warps, stages -> int8 weight GB/s (copy {copy_bw / 1e9:.0f})")
+    for k, n in ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)):
+        w, scale = int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        print(f"  {k}->{n}: default {int8_module._gemv_blocks(n, k, x.device)}")
+        for launch in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048, 4096), (4, 8), (1, 3)):
+            if not 2048 <= launch[0] * launch[1] <= 32768:
+                continue
+            run = lambda c=launch: int8_module._gemv_triton(x, w, scale, None, n, (1, k), c)  # noqa: B023, E731
+            try:
+                rate = n * k / (graph_ms(run, []) * 1e-3)
+            except Exception as error:  # out of resources at this config
+                print(f"    {launch}: failed {type(error).__name__}")
+                continue
+            print(f"    {launch}: {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
 
 
 def main() -> None:
@@ -126,5 +148,7 @@ if __name__ == "__main__":
         tune_attention()
     elif "swiglu" in sys.argv[1:]:
         tune_swiglu()
+    elif "gemv" in sys.argv[1:]:
+        tune_gemv()
     else:
         main()

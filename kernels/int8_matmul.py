@@ -147,6 +147,18 @@ def _gemv_blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
     return block_n, min(8192 // block_n, max(256, triton.next_power_of_2(k)))
 
 
+def _gemv_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, n: int, b_strides: tuple[int, int],
+                 launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """The one-row kernel; ``launch`` = (BLOCK_N, BLOCK_K, warps, stages) overrides the default (tune_kernels)."""
+    block_n, block_k, warps, stages = launch or (*_gemv_blocks(n, a.shape[1], a.device), 4, 3)
+    c = torch.empty((1, n), dtype=a.dtype, device=a.device)
+    _w8a16_gemv_kernel[(triton.cdiv(n, block_n),)](
+        a, b_int8, scale, bias if bias is not None else scale, c, n, a.shape[1], *b_strides,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return c
+
+
 DECODE_ROWS = 16  # up to this many rows the GEMM is memory-bound: small tiles and split-K
 
 
@@ -184,13 +196,7 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
         )  # fmt: skip
         return c
     if m == 1 and scale_out:
-        c = torch.empty((1, n), dtype=a.dtype, device=a.device)
-        block_n, block_k = _gemv_blocks(n, k, a.device)
-        _w8a16_gemv_kernel[(triton.cdiv(n, block_n),)](
-            a, b_int8, scale, bias if bias is not None else scale, c, n, k, *b_strides,
-            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-        )  # fmt: skip
-        return c
+        return _gemv_triton(a, b_int8, scale, bias, n, b_strides)
     block_m, block_n, block_k, warps = _decode_blocks(a.device)
     grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     k_per_split = triton.cdiv(triton.cdiv(k, _k_splits(grid_mn[0] * grid_mn[1], k, block_k, a.device)),
