@@ -6,6 +6,7 @@ bf16 autocast through ``--mixed_precision bf16``, AdamW) and trains the patched 
 
     python benchmarks/bench_distributed.py                          # needs two CUDA GPUs
     python benchmarks/bench_distributed.py --config "Qwen3-1.7B" --steps 30
+    python benchmarks/bench_distributed.py --stock --setups "1 GPU" FSDP2   # the stock HF model, for comparison
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from common import slug, write_table
 
 FINETUNE = Path(__file__).parent.parent / "examples" / "finetune.py"
+SETUPS = ["1 GPU", "DDP", "FSDP2"]
 WARMUP_STEPS = 3  # Triton compilation and autotuning, the allocator, NCCL's first collectives
 
 
@@ -47,7 +49,8 @@ def run(setup: str, family: str, checkpoint: Path, args: argparse.Namespace, log
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
                "bf16", "--dynamo_backend", "no", *launch_flags(setup, family), str(FINETUNE), "--model",
                str(checkpoint), "--seq-len", str(args.seq_len), "--batch-size", str(per_process_batch),
-               "--max-steps", str(args.steps), "--lr", str(args.lr), "--log-json", str(log)]  # fmt: skip
+               "--max-steps", str(args.steps), "--lr", str(args.lr), "--log-json", str(log),
+               *(["--no-patch"] if args.stock else [])]  # fmt: skip
     child = subprocess.run(command, capture_output=True, text=True)
     if child.returncode != 0:
         print(f"{setup} failed:\n{child.stderr[-4000:]}", flush=True)
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per GPU in the two-GPU runs")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=SETUPS, help="'1 GPU' is the reference")
+    parser.add_argument("--stock", action="store_true", help="train the stock HF model instead of the patched one")
     args = parser.parse_args()
     if torch.cuda.device_count() < 2:
         raise SystemExit(f"needs two CUDA GPUs; this machine has {torch.cuda.device_count()}")
@@ -73,7 +78,7 @@ def main() -> None:
         model.save_pretrained(checkpoint)
         del model
         results = {}
-        for setup in ("1 GPU", "DDP", "FSDP2"):
+        for setup in [s for s in SETUPS if s in args.setups or s == "1 GPU"]:
             results[setup] = run(setup, family, checkpoint, args, Path(scratch) / f"{slug(setup)}.json")
             print(setup, results[setup], flush=True)
     failures = [f"{setup} failed: {record}" for setup, record in results.items() if isinstance(record, str)]
@@ -95,11 +100,13 @@ def main() -> None:
     notes = [f"{args.config} config, random init; global batch {2 * args.batch_size} x {args.seq_len} tokens per "
              f"step in every setup (1 GPU: {2 * args.batch_size} sequences; 2 GPUs: {args.batch_size} each)",
              "examples/finetune.py under accelerate launch --mixed_precision bf16: float32 master weights, bf16 "
-             f"autocast, AdamW lr {args.lr}; patched model (every kernel, fused linear cross-entropy)",
+             f"autocast, AdamW lr {args.lr}; " + ("the stock HF model (sdpa), not patched" if args.stock else
+                                                  "patched model (every kernel, fused linear cross-entropy)"),
              f"tokens/s from the median step after {WARMUP_STEPS} warm-up steps of {args.steps}; the loss "
              "difference is the largest over all steps", *failures]  # fmt: skip
-    write_table(f"distributed-{slug(args.config)}", f"Fine-tuning on 1 and 2 GPUs, {args.config}", header, rows,
-                notes)  # fmt: skip
+    model = "stock HF" if args.stock else "patched"
+    write_table(f"distributed-{slug(args.config)}{'-stock' if args.stock else ''}",
+                f"Fine-tuning on 1 and 2 GPUs, {args.config}, {model} model", header, rows, notes)  # fmt: skip
 
 
 if __name__ == "__main__":
