@@ -103,7 +103,9 @@ def main() -> None:
              f"autocast, AdamW lr {args.lr}; " + ("the stock HF model (sdpa), not patched" if args.stock else
                                                   "patched model (every kernel, fused linear cross-entropy)"),
              f"tokens/s from the median step after {WARMUP_STEPS} warm-up steps of {args.steps}; the loss "
-             "difference is the largest over all steps", *failures]  # fmt: skip
+             "difference is the largest over all steps",
+             "FSDP2 under accelerate's bf16 policy: bf16 parameters in compute, gradients reduced in bf16, and the "
+             "loss returned in bf16 (hence its rounding)", *failures]  # fmt: skip
     model = "stock HF" if args.stock else "patched"
     write_table(f"distributed-{slug(args.config)}{'-stock' if args.stock else ''}",
                 f"Fine-tuning on 1 and 2 GPUs, {args.config}, {model} model", header, rows, notes)  # fmt: skip
