@@ -30,24 +30,23 @@ SETUPS = ["1 GPU", "DDP", "FSDP2"]
 WARMUP_STEPS = 3  # Triton compilation and autotuning, the allocator, NCCL's first collectives
 
 
-def launch_flags(setup: str, family: str) -> list[str]:
-    """accelerate launch's flags for each setup, as a user would pass them."""
+def launch_flags(setup: str, layer: str) -> list[str]:
+    """accelerate launch's flags for each setup, as a user would pass them; FSDP2 wraps each ``layer`` (the
+    decoder layer's class name)."""
     if setup == "1 GPU":
         return ["--num_processes", "1"]
     if setup == "DDP":
         return ["--multi_gpu", "--num_processes", "2"]
-    layer = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer",
-             "qwen3": "Qwen3DecoderLayer"}[family]  # fmt: skip
     return ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--fsdp_auto_wrap_policy",
             "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", layer,
             "--fsdp_state_dict_type", "FULL_STATE_DICT"]  # fmt: skip
 
 
-def run(setup: str, family: str, checkpoint: Path, args: argparse.Namespace, log: Path) -> dict | str:
+def run(setup: str, layer: str, checkpoint: Path, args: argparse.Namespace, log: Path) -> dict | str:
     """The run's record (finetune.py --log-json), or the last lines of its error output."""
     per_process_batch = args.batch_size * (2 if setup == "1 GPU" else 1)  # the same global batch in every setup
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
-               "bf16", "--dynamo_backend", "no", *launch_flags(setup, family), str(FINETUNE), "--model",
+               "bf16", "--dynamo_backend", "no", *launch_flags(setup, layer), str(FINETUNE), "--model",
                str(checkpoint), "--seq-len", str(args.seq_len), "--batch-size", str(per_process_batch),
                "--max-steps", str(args.steps), "--lr", str(args.lr), "--log-json", str(log),
                *(["--no-patch"] if args.stock else [])]  # fmt: skip
@@ -76,10 +75,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **fields), dtype=torch.bfloat16)
         model.save_pretrained(checkpoint)
+        layer = type(model.model.layers[0]).__name__
         del model
         results = {}
         for setup in [s for s in SETUPS if s in args.setups or s == "1 GPU"]:
-            results[setup] = run(setup, family, checkpoint, args, Path(scratch) / f"{slug(setup)}.json")
+            results[setup] = run(setup, layer, checkpoint, args, Path(scratch) / f"{slug(setup)}.json")
             print(setup, results[setup], flush=True)
     failures = [f"{setup} failed: {record}" for setup, record in results.items() if isinstance(record, str)]
     single = results["1 GPU"]
