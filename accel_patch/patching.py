@@ -57,7 +57,7 @@ def patch_model(
                 swapped["fused_cross_entropy"] += int(install_fused_cross_entropy(module))
     device = next(model.parameters()).device
     backend, reason = choose_backend(device)
-    kinds = ("attention", "rope", "rmsnorm", "swiglu", "fused_cross_entropy")
+    kinds = ("attention", "rope", "rmsnorm", "fused_residual", "swiglu", "fused_cross_entropy")
     counts = ", ".join(f"{swapped[kind]} {kind}" for kind in kinds)
     logger.info("accel_patch: patched %s: %s; kernels on %s (%s)", type(model).__name__, counts, backend, reason)
     return model

@@ -49,11 +49,18 @@ def _load_tile(ptrs, rows_ok, d_ok, CHECK_ROWS: tl.constexpr, CHECK_D: tl.conste
 
 @triton.jit
 def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] boolean: which keys each query may attend to."""
-    q_pos = (offs_m + q_offset)[:, None]
-    keys = offs_n[None, :]
-    ok = (keys < seq_k) & (offs_m < seq_q)[:, None]
+             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
+             KEYS_AS_ROWS: tl.constexpr = False):
+    """Boolean tile: which keys each query may attend to; [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with
+    ``KEYS_AS_ROWS`` (the dK/dV kernel's transposed scores)."""
+    if KEYS_AS_ROWS:
+        queries = offs_m[None, :]
+        keys = offs_n[:, None]
+    else:
+        queries = offs_m[:, None]
+        keys = offs_n[None, :]
+    q_pos = queries + q_offset
+    ok = (keys < seq_k) & (queries < seq_q)
     if IS_CAUSAL:
         ok &= keys <= q_pos
     if HAS_WINDOW:
@@ -61,7 +68,7 @@ def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q
     if HAS_KPM:
         ok &= tl.load(KPM + b * skpm_b + keys, mask=keys < seq_k, other=0) != 0
     if HAS_MASK:
-        ok &= tl.load(MASK + b * sm_b + offs_m[:, None] * sm_q + keys * sm_k, mask=ok, other=0) != 0
+        ok &= tl.load(MASK + b * sm_b + queries * sm_q + keys * sm_k, mask=ok, other=0) != 0
     return ok
 
 
@@ -239,14 +246,16 @@ def _attn_bwd_dkdv_blocks(
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # Scores are computed transposed, keys as rows (S^T = K Q^T), so that P^T and dS^T come out of their dots in
+    # the layout the dV and dK dots take as their left operand: no transposes of register tiles.
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
-    d_ok = (offs_d < HEAD_DIM)[None, :]
+    d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_q
-        q = _load_tile(q_base + offs_m[:, None] * sq_s + offs_d[None, :], m_ok[:, None], d_ok, BOUNDARY,
-                       BLOCK_D != HEAD_DIM)
-        do = _load_tile(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], m_ok[:, None], d_ok, BOUNDARY,
+        q_t = _load_tile(q_base + offs_m[None, :] * sq_s + offs_d[:, None], m_ok[None, :], d_ok[:, None], BOUNDARY,
+                         BLOCK_D != HEAD_DIM)
+        do = _load_tile(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], m_ok[:, None], d_ok[None, :], BOUNDARY,
                         BLOCK_D != HEAD_DIM)
         if BOUNDARY:
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
@@ -254,27 +263,29 @@ def _attn_bwd_dkdv_blocks(
         else:
             lse = tl.load(LSE + row_base + offs_m)
             delta = tl.load(DELTA + row_base + offs_m)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
-            p = tl.where(ok, p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, KEYS_AS_ROWS=True)
+            p_t = tl.where(ok, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     return dk, dv
 
 
 # The three fastest of seven in benchmarks/tune_kernels.py at (4, 32, 2048, 128 and 64) on an H100. Tiles split
 # as FlashAttention-2's Triton tutorial does (dK/dV: 32 queries x 128 keys, dQ: 128 x 32) measured 1.1-4.9x
-# slower here at (4, 32/8, 2048, 64 and 128).
+# slower here at (4, 32/8, 2048, 64 and 128). dK/dV (transposed scores) has its own three of six, from the same
+# sweep at (4, 32/8, 2048, 64 and 128).
 _BWD_SHAPES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
 _BWD_SHAPES_256 = ((32, 32, 8, 1), (32, 32, 4, 1))
+_DKDV_SHAPES = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3))
 
 
-@_autotune(_BWD_SHAPES, _BWD_SHAPES_256)
+@_autotune(_DKDV_SHAPES, _BWD_SHAPES_256)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,

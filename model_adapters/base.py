@@ -10,7 +10,16 @@ from torch import nn
 
 from ..kernels._backend import use_triton
 from .hf_attention import ATTENTION_NAME
-from .modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
+from .modules import (
+    PRE_NORM_LAYER_CHILDREN,
+    Attention,
+    KernelModule,
+    RMSNorm,
+    SwiGLUMLP,
+    install_forward,
+    pre_norm_layer_forward,
+    remove_forward,
+)
 
 SWIGLU_ACTIVATIONS = ("silu", "swish")
 
@@ -90,6 +99,8 @@ def patch_decoder(
                     setattr(parent, name, RMSNorm(child))
                     swapped["rmsnorm"] += 1
     for layer_idx, layer in enumerate(decoder.layers):
+        if rmsnorm and {name for name, _ in layer.named_children()} == PRE_NORM_LAYER_CHILDREN:
+            swapped["fused_residual"] += int(install_forward(layer, pre_norm_layer_forward))
         if swiglu and not isinstance(layer.mlp, KernelModule):
             layer.mlp = SwiGLUMLP(layer.mlp)
             swapped["swiglu"] += 1
@@ -131,6 +142,7 @@ def unpatch_tree(model: nn.Module) -> int:
     for module in model.modules():
         if _STOCK_IMPLEMENTATION in module.__dict__:
             module.config._attn_implementation = module.__dict__.pop(_STOCK_IMPLEMENTATION)
+        restored += int(remove_forward(module, pre_norm_layer_forward))
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, KernelModule):

@@ -8,15 +8,13 @@ and falls back to the stock forward wherever logits are wanted or the head is no
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..kernels import linear_cross_entropy
-from .modules import plain_linear
+from .modules import install_forward, plain_linear, remove_forward
 
 IGNORE_INDEX = -100  # HF's ForCausalLMLoss default
 
@@ -49,30 +47,15 @@ def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: 
     return output.to_tuple() if return_dict is False else output
 
 
-def _forward_slot(model: nn.Module) -> tuple[str, bool]:
-    """Where the model's own forward lives, and whether it is the fused one. accelerate's device hooks keep the
-    module's forward in ``_old_forward`` and call it from a wrapper."""
-    slot = "_old_forward" if hasattr(model, "_hf_hook") else "forward"
-    return slot, getattr(getattr(model, slot), "__func__", None) is _fused_forward
-
-
 def is_causal_lm(module: nn.Module, decoders: list[nn.Module]) -> bool:
     return type(module).__name__.endswith("ForCausalLM") and any(module.model is d for d in decoders)
 
 
 def install_fused_cross_entropy(model: nn.Module) -> bool:
     """Give ``model`` (a ``*ForCausalLM``) the fused-loss forward; False if it already has it."""
-    slot, fused = _forward_slot(model)
-    if not fused:
-        setattr(model, slot, types.MethodType(_fused_forward, model))
-    return not fused
+    return install_forward(model, _fused_forward)
 
 
 def remove_fused_cross_entropy(model: nn.Module) -> bool:
     """Restore the class's forward; False if ``model`` did not have the fused one."""
-    slot, fused = _forward_slot(model)
-    if fused and slot == "forward":
-        del model.forward
-    elif fused:
-        model._old_forward = types.MethodType(type(model).forward, model)
-    return fused
+    return remove_forward(model, _fused_forward)

@@ -8,6 +8,7 @@ The stock module is kept outside the module tree (not registered) so that it can
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Callable
 
 import torch
@@ -63,6 +64,58 @@ class SwiGLUMLP(KernelModule):
         if plain_linear(self.down_proj):  # the gate's output is recomputed in backward rather than stored
             return swiglu_linear(gate, up, self.down_proj.weight, self.down_proj.bias)
         return self.down_proj(swiglu(gate, up))
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(residual + x), residual + x)``: one kernel reads both summands and writes the sum and its norm where
+    ``norm`` is ours and the summands match (under autocast a float32 residual meets a bfloat16 ``x``: plain add)."""
+    if isinstance(norm, RMSNorm) and x.dtype == residual.dtype and tuple(x.shape) == tuple(residual.shape):
+        return rms_norm(x, norm.weight, norm.variance_epsilon, residual=residual)
+    hidden = residual + x
+    return norm(hidden), hidden
+
+
+PRE_NORM_LAYER_CHILDREN = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+
+
+def pre_norm_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """HF's pre-norm decoder layer (LLaMA, Mistral, Qwen2, Qwen3 alike), with the residual add after attention fused
+    into the post-attention RMSNorm; in the backward, that norm's kernel also adds the residual's gradient."""
+    if args:  # HF passes everything after hidden_states by keyword; anything else takes the stock forward
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    attention_output, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    normed, hidden_states = add_and_norm(self.post_attention_layernorm, attention_output, hidden_states)
+    return hidden_states + self.mlp(normed)
+
+
+def _forward_slot(module: nn.Module) -> str:
+    """Where a module's own forward lives: accelerate's device hooks keep it in ``_old_forward`` and call it from a
+    wrapper they put in ``forward``."""
+    return "_old_forward" if hasattr(module, "_hf_hook") else "forward"
+
+
+def has_forward(module: nn.Module, function: Callable) -> bool:
+    return getattr(getattr(module, _forward_slot(module)), "__func__", None) is function
+
+
+def install_forward(module: nn.Module, function: Callable) -> bool:
+    """Make ``function`` this instance's forward (other instances of the class keep theirs); False if it already
+    was."""
+    if has_forward(module, function):
+        return False
+    setattr(module, _forward_slot(module), types.MethodType(function, module))
+    return True
+
+
+def remove_forward(module: nn.Module, function: Callable) -> bool:
+    """Give the instance back its class's forward; False if ``function`` was not installed on it."""
+    if not has_forward(module, function):
+        return False
+    if _forward_slot(module) == "forward":
+        del module.forward
+    else:
+        module._old_forward = types.MethodType(type(module).forward, module)
+    return True
 
 
 def plain_linear(module: nn.Module) -> bool:

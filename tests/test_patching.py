@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from accel_patch import SUPPORTED_MODEL_TYPES, force_backend, patch_model, unpatch_model
+from accel_patch.model_adapters import modules
 from accel_patch.model_adapters.modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
 
 from helpers import backends_for, loss_curve, rel_err
@@ -143,6 +144,33 @@ def test_gradient_checkpointing_matches(backend):
         assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
 
 
+def test_residual_add_is_fused_into_the_post_attention_norm(monkeypatch, backend):
+    """Each layer's residual add after attention runs inside the post-attention RMSNorm (one ``rms_norm`` call with
+    a residual per layer), matching stock in loss and gradients; under autocast, where the float32 residual stream
+    meets bfloat16 attention output, the layer adds as HF does and still matches."""
+    stock, patched = stock_and_patched("qwen2")  # biases, and sliding windows on layers 1+
+    fused_calls = []
+
+    def counting_rms_norm(*args, **kwargs):
+        fused_calls.append(kwargs.get("residual") is not None)
+        return real_rms_norm(*args, **kwargs)
+
+    real_rms_norm = modules.rms_norm
+    monkeypatch.setattr(modules, "rms_norm", counting_rms_norm)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    for model in (stock, patched):
+        model(ids, labels=ids).loss.backward()
+    assert sum(fused_calls) == len(patched.model.layers)
+    stock_params = dict(stock.named_parameters())
+    for name, param in patched.named_parameters():
+        assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
+    fused_calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [model(ids, labels=ids).loss for model in (stock, patched)]
+    assert sum(fused_calls) == 0 and len(fused_calls) > 0
+    assert rel_err(losses[1], losses[0]) < 1e-2
+
+
 def test_state_dict_is_the_stock_one_and_parameters_are_shared(family):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family))
@@ -174,6 +202,9 @@ def test_per_instance_isolation_and_idempotence(backend):
     patch_model(patched)
     assert list(patched.modules()) == modules_before
     assert all(a is b for a, b in zip(patched.modules(), modules_before, strict=True))
+    # the fused decoder-layer forward is an attribute of the patched instances, not of their class
+    assert all("forward" in vars(layer) for layer in patched.model.layers)
+    assert not any("forward" in vars(layer) for layer in stock.model.layers)
 
 
 def test_unpatch_restores_stock_modules_with_current_weights(backend):
@@ -182,6 +213,7 @@ def test_unpatch_restores_stock_modules_with_current_weights(backend):
         patched.model.norm.weight.mul_(1.5)  # trained after patching
     unpatch_model(patched)
     assert not any(isinstance(m, KernelModule) for m in patched.modules())
+    assert not any("forward" in vars(m) for m in patched.modules())  # the decoder layers' and the LM's own forward
     assert [type(m) for m in patched.modules()] == [type(m) for m in stock.modules()]
     assert list(patched.state_dict()) == list(stock.state_dict())
     with torch.no_grad():
