@@ -23,7 +23,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import tl, triton
+from ._triton import cached_launch, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -175,6 +175,7 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
     )
 
 
+@cached_launch
 @_autotune(
     ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)),  # first: last session's hand-tuned best
     ((64, 32, 8, 2), (32, 32, 4, 2)),
@@ -285,6 +286,7 @@ _BWD_SHAPES_256 = ((32, 32, 8, 1), (32, 32, 4, 1))
 _DKDV_SHAPES = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3))
 
 
+@cached_launch
 @_autotune(_DKDV_SHAPES, _BWD_SHAPES_256)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -362,6 +364,7 @@ def _attn_bwd_dq_blocks(
     return dq
 
 
+@cached_launch
 @_autotune(_BWD_SHAPES, _BWD_SHAPES_256)
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -407,6 +410,7 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
+@cached_launch
 @triton.jit
 def _attn_decode_kernel(
     Q, K, V, PART_OUT, PART_LSE, MASK, KPM,
@@ -460,6 +464,7 @@ def _attn_decode_kernel(
     tl.store(PART_LSE + part, lse, mask=row_ok)
 
 
+@cached_launch
 @triton.jit
 def _attn_decode_combine_kernel(PART_OUT, PART_LSE, OUT, LSE, n_splits, HEAD_DIM: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):

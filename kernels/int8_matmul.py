@@ -22,7 +22,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import tl, triton
+from ._triton import cached_launch, tl, triton
 
 
 def _tiled_configs():
@@ -36,6 +36,7 @@ def _tiled_configs():
             for bn, bm, bk, w, st in tile_choices(shapes)]  # fmt: skip
 
 
+@cached_launch
 @triton.autotune(configs=_tiled_configs(), key=["N", "K", "SCALE_OUT", "m_bucket"])
 @triton.jit
 def _w8a16_tiled_kernel(
@@ -75,6 +76,7 @@ def _w8a16_tiled_kernel(
              mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
 
 
+@cached_launch
 @triton.jit
 def _w8a16_decode_kernel(
     A, B, SCALE, BIAS, C,
@@ -111,6 +113,7 @@ def _w8a16_decode_kernel(
              acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+@cached_launch
 @triton.jit
 def _w8a16_gemv_kernel(
     A, B, SCALE, BIAS, C, N, K, stride_bk, stride_bn,

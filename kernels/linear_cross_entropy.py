@@ -21,11 +21,12 @@ from __future__ import annotations
 import torch
 
 from ._backend import autocast_cast, check_float, check_same_device, differentiable, use_triton
-from ._triton import tl, triton
+from ._triton import cached_launch, tl, triton
 
 MAX_BLOCK_V = 4096  # vocab columns per step of a row's loop
 
 
+@cached_launch
 @triton.jit
 def _cross_entropy_rows_kernel(LOGITS, LABELS, ROW_LOSS, SCALE, stride_row, V, ignore_index,
                                WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip

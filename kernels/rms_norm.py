@@ -11,11 +11,12 @@ import functools
 import torch
 
 from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
-from ._triton import tl, triton
+from ._triton import cached_launch, tl, triton
 
 MAX_WIDTH = 65536  # one row is held in registers by one program
 
 
+@cached_launch
 @triton.jit
 def _rms_norm_fwd_kernel(
     X,
@@ -50,6 +51,7 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + row * stride_y + cols, (x_hat * w).to(Y.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY, DH, X, W, RSTD, DX, DW_PARTIAL,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
-from ._triton import tl, triton
+from ._triton import cached_launch, tl, triton
 
 
 @triton.jit
@@ -31,6 +31,7 @@ def _rotate_heads(
     tl.store(dst + HALF, (x2 * cos2 + x1 * sin2).to(OUT.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _rope_kernel(
     Q, K, QO, KO, COS, SIN,

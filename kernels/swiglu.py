@@ -24,7 +24,7 @@ from ._backend import (
     eager_or_compiled,
     use_triton,
 )
-from ._triton import tl, triton
+from ._triton import cached_launch, tl, triton
 
 # Columns per program and warps, from benchmarks/tune_kernels.py on an H100 at 16384 x 14336 bf16:
 # 8192 x 16 warps reached 99% of copy bandwidth forward and backward in row layout (1024 x 4 warps: 96%).
@@ -36,6 +36,7 @@ def _launch_config(n: int) -> tuple[int, int]:
     return block, min(16, max(4, block // 512))
 
 
+@cached_launch
 @triton.jit
 def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, stride_y, N, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -47,6 +48,7 @@ def _swiglu_fwd_kernel(G, U, Y, stride_g, stride_u, stride_y, N, BLOCK: tl.const
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+@cached_launch
 @triton.jit
 def _swiglu_bwd_kernel(
     DY, G, U, DG, DU, Y, stride_dy, stride_g, stride_u, stride_dg, stride_du, stride_y, N,

@@ -7,8 +7,10 @@ The stock module is kept outside the module tree (not registered) so that it can
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -94,8 +96,29 @@ def _forward_slot(module: nn.Module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") else "forward"
 
 
+class _InstanceForward:
+    """``function`` bound to one module through a weak reference. A bound method stored on its own instance would
+    be a reference cycle: the model would outlive ``del model``, GPU memory included, until the garbage collector
+    happened to run."""
+
+    __slots__ = ("function", "module")
+
+    def __init__(self, function: Callable, module: nn.Module) -> None:
+        self.function, self.module = function, weakref.ref(module)
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module(), *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> _InstanceForward:  # a copied model's forward runs the copy
+        return _InstanceForward(self.function, copy.deepcopy(self.module(), memo))
+
+    def __reduce__(self):  # pickling (torch.save of a whole model) keeps the binding too
+        return _InstanceForward, (self.function, self.module())
+
+
 def has_forward(module: nn.Module, function: Callable) -> bool:
-    return getattr(getattr(module, _forward_slot(module)), "__func__", None) is function
+    installed = getattr(module, _forward_slot(module))
+    return isinstance(installed, _InstanceForward) and installed.function is function
 
 
 def install_forward(module: nn.Module, function: Callable) -> bool:
@@ -103,7 +126,7 @@ def install_forward(module: nn.Module, function: Callable) -> bool:
     was."""
     if has_forward(module, function):
         return False
-    setattr(module, _forward_slot(module), types.MethodType(function, module))
+    setattr(module, _forward_slot(module), _InstanceForward(function, module))
     return True
 
 

@@ -1,6 +1,7 @@
 """W8A16 matmul, Int8Linear and quantize_model against float64 references and the float model."""
 
 import copy
+import gc
 import json
 
 import pytest
@@ -244,6 +245,7 @@ def test_loading_int8_peaks_below_1_25x_the_int8_model(tmp_path):
         # the same weights quantized and patched in memory: the loader must produce this very model
         expected_int8 = accel_patch.patch_model(accel_patch.quantize_model(float_model, "int8"))(ids).logits.float()
     del float_model
+    gc.collect()  # garbage left by earlier tests in this process must not be freed mid-measurement
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

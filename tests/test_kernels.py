@@ -1,5 +1,7 @@
 """Each kernel (Triton and reference backends) against an independent float64 formula, fwd and bwd."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -359,3 +361,63 @@ def test_ops_compile_fullgraph(backend):
     torch.testing.assert_close(got, expected)
     for a, b in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- cached launches (GPU: the interpreter has none)
+
+
+def _launcher(module: str, name: str):
+    kernel = getattr(importlib.import_module(f"accel_patch.kernels.{module}"), name)
+    assert type(kernel).__name__ == "_CachedLaunch", "cached launches are off on this GPU's Triton release"
+    return kernel
+
+
+@pytest.mark.gpu
+def test_cached_launch_keeps_one_compiled_kernel_per_specialisation():
+    kernel = _launcher("rms_norm", "_rms_norm_fwd_kernel")
+    kernel.launches.clear()
+    buffer = torch.randn(4 * 80 + 1, device="cuda", dtype=torch.float16)
+    cases = {  # each changes what Triton specialises on: pointer alignment, or strides' divisibility by 16
+        "aligned rows of 64": buffer[: 4 * 64].view(4, 64),
+        "rows of 64 one element off 16-byte alignment": buffer[1 : 1 + 4 * 64].view(4, 64),
+        "rows of 17": buffer[: 4 * 17].view(4, 17),
+        "rows of 64 strided by 72": buffer[: 4 * 72].view(4, 72)[:, :64],
+    }
+    for _ in range(3):  # the first round goes through Triton, the next two through the remembered launches
+        for name, x in cases.items():
+            w = torch.rand(x.shape[-1], device="cuda", dtype=torch.float16) + 0.5
+            err = rel_err(rms_norm(x, w, 1e-6), rms_norm64(x.double(), w.double(), 1e-6)[0])
+            assert err < TOL[torch.float16], f"{name}: relative error {err:.2e}"
+    assert len(kernel.launches) == len(cases)
+
+
+@pytest.mark.gpu
+def test_cached_launch_of_an_autotuned_kernel_follows_each_tuning_key():
+    from accel_patch.kernels import attention, attention_ref
+
+    kernel = _launcher("attention", "_attn_fwd_kernel")
+    kernel.launches.clear()
+    for _ in range(3):  # alternating head dims: each must launch its own tuned config's kernel and grid
+        for head_dim, seq in ((64, 300), (128, 129)):
+            q = torch.randn(2, 8, seq, head_dim, device="cuda", dtype=torch.float16)
+            k, v = (torch.randn(2, 2, seq, head_dim, device="cuda", dtype=torch.float16) for _ in range(2))
+            expected, _ = attention_ref(q, k, v, None, None, True, 0, head_dim**-0.5)
+            assert rel_err(attention(q, k, v), expected) < TOL[torch.float16]
+    assert len(kernel.launches) == 2
+
+
+@pytest.mark.gpu
+def test_cached_launch_gives_way_to_triton_launch_hooks():
+    from triton import knobs
+
+    _launcher("rms_norm", "_rms_norm_fwd_kernel")
+    x, w = torch.randn(8, 64, device="cuda"), torch.rand(64, device="cuda")
+    rms_norm(x, w)  # remembered
+    seen = []
+    hook = lambda metadata: seen.append(metadata)  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        rms_norm(x, w)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(seen) == 1

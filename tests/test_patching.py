@@ -1,6 +1,8 @@
 """patch_model on tiny configs carrying each family's quirks, compared with the stock HF model."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -205,6 +207,22 @@ def test_per_instance_isolation_and_idempotence(backend):
     # the fused decoder-layer forward is an attribute of the patched instances, not of their class
     assert all("forward" in vars(layer) for layer in patched.model.layers)
     assert not any("forward" in vars(layer) for layer in stock.model.layers)
+
+
+def test_a_patched_model_is_freed_with_its_last_reference_and_copies_stand_alone(backend):
+    stock, patched = stock_and_patched("llama")
+    ids = torch.randint(3, VOCAB, (2, 9))
+    patched(ids, labels=ids).loss.backward()
+    duplicate = copy.deepcopy(patched)
+    gc.disable()  # freed by reference counting (no cycles), as a stock model is: GPU memory returns on `del`
+    try:
+        alive = weakref.ref(patched)
+        del patched
+        assert alive() is None
+    finally:
+        gc.enable()
+    assert rel_err(duplicate(ids).logits, stock(ids).logits) < 1e-5
+    assert all(layer.forward.module() is layer for layer in duplicate.model.layers)
 
 
 def test_unpatch_restores_stock_modules_with_current_weights(backend):
