@@ -36,7 +36,8 @@ except ImportError:
     tl = SimpleNamespace(constexpr=None)
 
 # The launch below calls Triton's compiled-kernel launcher directly, an internal interface: only on the
-# Triton releases it was checked against (on the H100, tests/test_gpu_launch.py), elsewhere Triton's own path.
+# Triton releases it was checked against (on the H100: the cached-launch tests in tests/test_kernels.py), elsewhere
+# Triton's own path.
 _CHECKED_TRITON = ("3.6",)
 
 
