@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import io
 import weakref
 
 import pytest
@@ -223,6 +224,11 @@ def test_a_patched_model_is_freed_with_its_last_reference_and_copies_stand_alone
         gc.enable()
     assert rel_err(duplicate(ids).logits, stock(ids).logits) < 1e-5
     assert all(layer.forward.module() is layer for layer in duplicate.model.layers)
+    buffer = io.BytesIO()
+    torch.save(duplicate, buffer)  # a whole-model pickle keeps each per-instance forward on its own module
+    reloaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert all(layer.forward.module() is layer for layer in reloaded.model.layers)
+    assert rel_err(reloaded(ids).logits, stock(ids).logits) < 1e-5
 
 
 def test_unpatch_restores_stock_modules_with_current_weights(backend):
