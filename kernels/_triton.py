@@ -1,5 +1,5 @@
 """``triton`` and ``triton.language`` where Triton is installed; inert stand-ins where it is not; and
-:func:`cached_launch`, a faster way to launch a kernel that has run before.
+:func:`cached_launch`, which launches each kernel on its tensors' GPU, directly once it has run before.
 
 Triton ships for Linux only. Elsewhere the kernel modules must still import, so that every op falls
 back to its PyTorch reference (``_backend.choose`` never picks Triton then, so no kernel launches).
@@ -63,15 +63,21 @@ def _hooked(hook) -> bool:
 class _CachedLaunch:
     """A ``@triton.jit`` kernel (or a ``@triton.autotune`` of one) launched as ``kernel[grid](*args, **constexprs)``.
 
-    The first launch per specialisation goes through Triton (compiling, autotuning); it is remembered under
-    :func:`_argument_key` of each argument (plus the autotuning key's values), and later launches with the same
-    key call the compiled kernel directly. That skips Triton's per-launch argument binding, cache-key hashing and
-    the autotuner's bookkeeping: 30-100 us of host time per launch on the H100's host, more than a small kernel
-    runs. Launch hooks (profilers such as proton) and arguments that cannot be keyed take Triton's path always.
+    Every launch runs on the GPU that holds its first tensor argument. Triton launches on the *current* device,
+    which under ``device_map="auto"`` across GPUs is not where a layer's tensors live (Triton then refuses the
+    pointers, or with peer access reads them from the wrong GPU's stream).
+
+    With ``direct``, the first launch per specialisation goes through Triton (compiling, autotuning); it is
+    remembered under :func:`_argument_key` of each argument (plus the autotuning key's values), and later launches
+    with the same key call the compiled kernel directly. That skips Triton's per-launch argument binding, cache-key
+    hashing and the autotuner's bookkeeping: 30-100 us of host time per launch on the H100's host, more than a
+    small kernel runs. Launch hooks (profilers such as proton) and arguments that cannot be keyed take Triton's
+    path always.
     """
 
-    def __init__(self, kernel) -> None:
+    def __init__(self, kernel, direct: bool) -> None:
         self.kernel = kernel
+        self.direct = direct
         self.autotuner = kernel if isinstance(kernel, triton.runtime.Autotuner) else None
         jit_function = kernel.fn if self.autotuner else kernel
         self.arg_names = jit_function.arg_names
@@ -86,11 +92,15 @@ class _CachedLaunch:
         return getattr(self.__dict__.get("kernel"), name)
 
     def launch(self, grid, *args, **constexprs):
-        hooks = triton.knobs.runtime
-        if _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
-            return self.kernel[grid](*args, **constexprs)
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
+        home = args[0].device.index if isinstance(args[0], torch.Tensor) and args[0].is_cuda else device
+        if home != device:
+            with torch.cuda.device(home):
+                return self.launch(grid, *args, **constexprs)
+        hooks = triton.knobs.runtime
+        if not self.direct or _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
+            return self.kernel[grid](*args, **constexprs)
         key = (device, *map(_argument_key, args), *(args[i] for i in self.tuned_positions if i < len(args)),
                *constexprs.items())  # fmt: skip
         remembered = self.launches.get(key)
@@ -115,14 +125,15 @@ class _CachedLaunch:
 
 def cached_launch(kernel):
     """Decorator (outermost, over ``@triton.jit`` or ``@triton.autotune``) for kernels launched from Python: see
-    :class:`_CachedLaunch`. A no-op where Triton is missing, interpreted on the CPU, an unchecked release, or
-    ``ACCEL_PATCH_CACHED_LAUNCH=0``."""
-    enabled = (
-        TRITON_INSTALLED and os.environ.get("TRITON_INTERPRET", "0") != "1"
-        and os.environ.get("ACCEL_PATCH_CACHED_LAUNCH", "1") != "0"
+    :class:`_CachedLaunch`. A no-op where Triton is missing or interpreted on the CPU; direct launches are off on
+    unchecked Triton releases and under ``ACCEL_PATCH_CACHED_LAUNCH=0``."""
+    if not TRITON_INSTALLED or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return kernel
+    direct = (
+        os.environ.get("ACCEL_PATCH_CACHED_LAUNCH", "1") != "0"
         and triton.__version__.rsplit(".", 1)[0] in _CHECKED_TRITON
     )  # fmt: skip
-    return _CachedLaunch(kernel) if enabled else kernel
+    return _CachedLaunch(kernel, direct)
 
 
 __all__ = ["TRITON_INSTALLED", "cached_launch", "tl", "triton"]

@@ -368,7 +368,7 @@ def test_ops_compile_fullgraph(backend):
 
 def _launcher(module: str, name: str):
     kernel = getattr(importlib.import_module(f"accel_patch.kernels.{module}"), name)
-    assert type(kernel).__name__ == "_CachedLaunch", "cached launches are off on this GPU's Triton release"
+    assert type(kernel).__name__ == "_CachedLaunch" and kernel.direct, "direct launches are off on this Triton"
     return kernel
 
 
@@ -421,3 +421,26 @@ def test_cached_launch_gives_way_to_triton_launch_hooks():
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert len(seen) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.two_gpus
+def test_kernels_launch_on_the_gpu_that_holds_their_tensors():
+    """cuda:0 is current, the tensors live on cuda:1 (a layer that ``device_map="auto"`` put there)."""
+    from accel_patch.kernels import attention, attention_ref
+
+    assert torch.cuda.current_device() == 0
+    x = torch.randn(64, 256, device="cuda:1", dtype=torch.float16, requires_grad=True)
+    w = torch.rand(256, device="cuda:1", dtype=torch.float16) + 0.5
+    x64 = x.detach().double().requires_grad_()
+    for _ in range(2):  # through Triton, then the remembered launch
+        y = rms_norm(x, w, 1e-6)
+        assert y.device == x.device
+        assert rel_err(y, rms_norm64(x64, w.double(), 1e-6)[0]) < TOL[torch.float16]
+    _grads_match({"x": x64}, rms_norm64(x64, w.double(), 1e-6)[0], {"x": x}, y, TOL[torch.float16])
+    q = torch.randn(1, 4, 64, 64, device="cuda:1", dtype=torch.float16)
+    k, v = (torch.randn(1, 2, 64, 64, device="cuda:1", dtype=torch.float16) for _ in range(2))
+    expected, _ = attention_ref(q, k, v, None, None, True, 0, 64**-0.5)
+    for _ in range(2):
+        assert rel_err(attention(q, k, v), expected) < TOL[torch.float16]
+    assert torch.cuda.current_device() == 0

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from accel_patch import SUPPORTED_MODEL_TYPES, force_backend, patch_model, unpatch_model
+import accel_patch
+from accel_patch import SUPPORTED_MODEL_TYPES, force_backend, patch_model, quantize_model, unpatch_model
 from accel_patch.model_adapters import modules
 from accel_patch.model_adapters.modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
 
@@ -437,3 +438,23 @@ def test_sliding_window_reaches_the_kernel_as_a_number(family_name, backend):
     assert seen and all(mask is not None for mask in seen)
     unpatch_model(patched)
     assert patched.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.two_gpus
+def test_a_model_split_across_two_gpus_matches_stock_float_and_int8(tmp_path):
+    """``from_pretrained(device_map=...)`` with layers on both GPUs: every kernel runs beside its layer's weights."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config("mistral"), attn_implementation="sdpa").eval()
+    stock.save_pretrained(tmp_path)
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                  "model.layers.2": 1, "model.norm": 1, "lm_head": 1}  # fmt: skip
+    ids = torch.randint(3, VOCAB, (2, 12), device="cuda:0")
+    with torch.no_grad():
+        expected = stock.to("cuda:0")(ids).logits
+        expected_int8 = patch_model(quantize_model(copy.deepcopy(stock), "int8"))(ids).logits
+        split = accel_patch.from_pretrained(tmp_path, device_map=device_map, dtype=torch.float32)
+        assert split.model.layers[2].self_attn.q_proj.weight.device == torch.device("cuda:1")
+        assert rel_err(split(ids).logits.to("cuda:0"), expected) < 1e-4
+        split_int8 = accel_patch.from_pretrained(tmp_path, quantize="int8", device_map=device_map, dtype=torch.float32)
+        assert rel_err(split_int8(ids).logits.to("cuda:0"), expected_int8) < 1e-4
