@@ -5,7 +5,16 @@ import importlib
 import pytest
 import torch
 
-from accel_patch.kernels import apply_rope, choose_backend, force_backend, rms_norm, swiglu, swiglu_linear
+from accel_patch.kernels import (
+    apply_rope,
+    attention,
+    attention_ref,
+    choose_backend,
+    force_backend,
+    rms_norm,
+    swiglu,
+    swiglu_linear,
+)
 
 from helpers import CPU_DTYPES, TOL, backends_for, rel_err
 
@@ -393,8 +402,6 @@ def test_cached_launch_keeps_one_compiled_kernel_per_specialisation():
 
 @pytest.mark.gpu
 def test_cached_launch_of_an_autotuned_kernel_follows_each_tuning_key():
-    from accel_patch.kernels import attention, attention_ref
-
     kernel = _launcher("attention", "_attn_fwd_kernel")
     kernel.launches.clear()
     for _ in range(3):  # alternating head dims: each must launch its own tuned config's kernel and grid
@@ -427,8 +434,6 @@ def test_cached_launch_gives_way_to_triton_launch_hooks():
 @pytest.mark.two_gpus
 def test_kernels_launch_on_the_gpu_that_holds_their_tensors():
     """cuda:0 is current, the tensors live on cuda:1 (a layer that ``device_map="auto"`` put there)."""
-    from accel_patch.kernels import attention, attention_ref
-
     assert torch.cuda.current_device() == 0
     x = torch.randn(64, 256, device="cuda:1", dtype=torch.float16, requires_grad=True)
     w = torch.rand(256, device="cuda:1", dtype=torch.float16) + 0.5
