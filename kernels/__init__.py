@@ -5,8 +5,9 @@ from ._backend import force_backend
 from .attention import attention, attention_ref
 from .int8_matmul import int8_linear, int8_linear_ref, quantize_per_channel
 from .linear_cross_entropy import linear_cross_entropy
-from .rms_norm import rms_norm, rms_norm_ref
+from .rms_norm import rms_norm, rms_norm_keeping_input, rms_norm_ref
 from .rope import apply_rope, rope_ref
+from .shared_input_linear import shared_input_linears, shared_input_linears_ref
 from .swiglu import swiglu, swiglu_linear, swiglu_ref
 
 __all__ = [
@@ -20,8 +21,11 @@ __all__ = [
     "linear_cross_entropy",
     "quantize_per_channel",
     "rms_norm",
+    "rms_norm_keeping_input",
     "rms_norm_ref",
     "rope_ref",
+    "shared_input_linears",
+    "shared_input_linears_ref",
     "swiglu",
     "swiglu_linear",
     "swiglu_ref",

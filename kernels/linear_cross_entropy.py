@@ -80,6 +80,30 @@ def _cross_entropy_rows_ref(logits, labels, row_loss, scale, ignore_index: int, 
         logits.copy_(grad * torch.where(counted, scale, 0.0)[:, None])
 
 
+@cached_launch
+@triton.jit
+def _scale_kernel(X, FACTOR, n, BLOCK: tl.constexpr):
+    """``X *= FACTOR[0]`` in place, the factor read from device memory."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(X + offsets, mask=mask).to(tl.float32)
+    tl.store(X + offsets, (x * tl.load(FACTOR).to(tl.float32)).to(X.dtype.element_ty), mask=mask)
+
+
+SCALE_BLOCK = 8192
+
+
+def scale_in_place(t: torch.Tensor, factor: torch.Tensor) -> None:
+    """``t *= factor`` for a contiguous ``t`` and a one-element ``factor`` on its device. A Triton kernel on CUDA:
+    ``mul_`` by a 0-dim CUDA tensor takes PyTorch's broadcasting path, which ran at about half of the copy bandwidth
+    on the LM head's [vocab, hidden] gradient (0.7 ms of an H100 training step)."""
+    if use_triton(t) and t.is_contiguous() and t.numel():
+        _scale_kernel[(triton.cdiv(t.numel(), SCALE_BLOCK),)](t, factor, t.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
+        torch.autograd.graph.increment_version(t)  # as mul_ would: a second backward must see t was modified
+    else:
+        t.mul_(factor.to(t.dtype))
+
+
 def _forward(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items: torch.Tensor | None,
     ignore_index: int, hidden_grad: bool, weight_grad: bool,
@@ -136,8 +160,8 @@ def _backward(ctx, dloss, _dgrad_hidden, _dgrad_weight):
         # In place: a scaled copy would hold a second [vocab, hidden] gradient at the memory peak. The stored
         # gradients are ours alone; a second backward through the same graph is refused by autograd's
         # saved-tensor version check.
-        grad_hidden.mul_(dloss.to(grad_hidden.dtype))
-        grad_weight.mul_(dloss.to(grad_weight.dtype))
+        scale_in_place(grad_hidden, dloss)
+        scale_in_place(grad_weight, dloss)
     hidden_grad, weight_grad = ctx.wants
     return grad_hidden if hidden_grad else None, grad_weight if weight_grad else None, None, None, None, None, None
 

@@ -243,10 +243,7 @@ def _backward(ctx, dy, dh, _drstd):
 _rms_norm = differentiable(_forward_op, _forward, _setup_context, _backward)
 
 
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``weight * x / rms(x)``; with ``residual``, returns ``(rms_norm(x + residual), x + residual)``."""
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
     check_float("x", x)
     check_float("weight", weight)
     if x.dim() == 0 or tuple(weight.shape) != (x.shape[-1],):
@@ -263,5 +260,38 @@ def rms_norm(
         check_same_device(x=x, weight=weight, residual=residual)
     else:
         check_same_device(x=x, weight=weight)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``weight * x / rms(x)``; with ``residual``, returns ``(rms_norm(x + residual), x + residual)``."""
+    _check(x, weight, residual)
     y, h, _ = _rms_norm(x, weight, residual, float(eps))
     return (y, h) if residual is not None else y
+
+
+class _RMSNormKeepingInput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, _, rstd = _forward(x, weight, None, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y, x  # autograd hands x back as a view whose gradient arrives here
+
+    @staticmethod
+    def backward(ctx, dy, dx_kept):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_backward(dy, dx_kept, x, weight, rstd)
+        return dx, dw, None
+
+
+def rms_norm_keeping_input(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x), x)``, for a pre-norm layer whose residual stream reads ``x`` too: the gradient reaching ``x``
+    through the second output is added by the norm's backward kernel, where autograd would add the two
+    gradients in a separate pass over memory."""
+    _check(x, weight, None)
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return rms_norm(x, weight, eps), x  # compiled graphs schedule the add themselves
+    return _RMSNormKeepingInput.apply(x, weight, float(eps))

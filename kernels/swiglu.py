@@ -189,21 +189,27 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_forward(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    return F.linear(_forward(gate, up), weight, bias)
+    hidden = _forward(gate, up)
+    if residual is None:
+        return F.linear(hidden, weight, bias)
+    # the residual add rides in the GEMM's epilogue (beta=1): one rounding of the sum, no pass of its own
+    rows = torch.addmm(residual.reshape(-1, weight.shape[0]), hidden.reshape(-1, hidden.shape[-1]), weight.t())
+    return rows.view(residual.shape)
 
 
 _linear_forward_op = torch.library.custom_op("accel_patch::swiglu_linear", _linear_forward, mutates_args=())
 
 
 @_linear_forward_op.register_fake
-def _(gate, up, weight, bias):
+def _(gate, up, weight, bias, residual):
     return gate.new_empty((*gate.shape[:-1], weight.shape[0]))
 
 
 def _linear_setup_context(ctx, inputs, output):
-    gate, up, weight, bias = inputs
+    gate, up, weight, bias, residual = inputs
     ctx.has_bias = bias is not None
     ctx.save_for_backward(gate, up, weight)  # not silu(gate) * up: recomputed below
 
@@ -215,18 +221,23 @@ def _linear_backward(ctx, dy):
     dgate, dup, hidden = _swiglu_backward(dy @ weight, gate, up, weight_grad)
     dweight = dy_rows.t() @ hidden.reshape(-1, hidden.shape[-1]) if weight_grad else None
     dbias = dy_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return dgate, dup, dweight, dbias
+    return dgate, dup, dweight, dbias, dy if ctx.needs_input_grad[4] else None
 
 
 _swiglu_linear = differentiable(_linear_forward_op, _linear_forward, _linear_setup_context, _linear_backward)
 
 
 def swiglu_linear(
-    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear(swiglu(gate, up), weight, bias)``, keeping only ``gate`` and ``up`` for the backward.
+    """``F.linear(swiglu(gate, up), weight, bias)``, keeping only ``gate`` and ``up`` for the backward; with
+    ``residual``, ``residual + F.linear(...)`` (a decoder layer's last residual add).
 
-    Under ``torch.autocast`` all four are cast to its dtype first, as ``F.linear`` would compute.
+    Under ``torch.autocast`` the first four are cast to its dtype first, as ``F.linear`` would compute. Without a
+    bias, a ``residual`` of the output's dtype is added inside the matmul, rounding the sum once where a separate
+    add rounds the product and then the sum (the two differ by at most one unit in the last place); otherwise it
+    is added as HF adds it.
     """
     _check_gate_up(gate, up)
     gate, up, weight, bias = autocast_cast(gate, up, weight, bias)
@@ -238,5 +249,11 @@ def swiglu_linear(
     extra = {} if bias is None else {"bias": bias}
     if len({t.dtype for t in (gate, weight, *extra.values())}) > 1:
         raise TypeError(f"gate ({gate.dtype}), weight ({weight.dtype}) and bias must share a dtype")
+    if residual is not None:
+        if tuple(residual.shape) != (*gate.shape[:-1], weight.shape[0]):
+            raise ValueError(f"residual {tuple(residual.shape)} must be {(*gate.shape[:-1], weight.shape[0])}")
+        extra["residual"] = residual
     check_same_device(gate=gate, weight=weight, **extra)
-    return _swiglu_linear(gate, up, weight, bias)
+    if residual is not None and (bias is not None or residual.dtype != gate.dtype):
+        return residual + _swiglu_linear(gate, up, weight, bias, None)
+    return _swiglu_linear(gate, up, weight, bias, residual)

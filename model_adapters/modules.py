@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kernels import apply_rope, rms_norm, swiglu, swiglu_linear
+from ..kernels import apply_rope, rms_norm, rms_norm_keeping_input, shared_input_linears, swiglu, swiglu_linear
 from ..kernels._backend import use_triton
 from .hf_attention import accel_triton_attention
 
@@ -61,11 +61,30 @@ class SwiGLUMLP(KernelModule):
         super().__init__(stock)
         self.gate_proj, self.up_proj, self.down_proj = stock.gate_proj, stock.up_proj, stock.down_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output; with ``residual``, ``residual + output`` (added inside the down projection's matmul
+        where it can be: see ``swiglu_linear``)."""
+        gate, up = project(x, self.gate_proj, self.up_proj)
         if plain_linear(self.down_proj):  # the gate's output is recomputed in backward rather than stored
-            return swiglu_linear(gate, up, self.down_proj.weight, self.down_proj.bias)
-        return self.down_proj(swiglu(gate, up))
+            return swiglu_linear(gate, up, self.down_proj.weight, self.down_proj.bias, residual=residual)
+        output = self.down_proj(swiglu(gate, up))
+        return output if residual is None else residual + output
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> list[torch.Tensor]:
+    """Each of ``linears`` applied to ``x``; where all are plain, their backward sums ``x``'s gradient inside the
+    GEMMs (see kernels/shared_input_linear.py)."""
+    if all(map(plain_linear, linears)):
+        return shared_input_linears(x, [linear.weight for linear in linears], [linear.bias for linear in linears])
+    return [linear(x) for linear in linears]
+
+
+def norm_keeping_input(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x), x)``; where ``norm`` is ours, the gradient reaching ``x`` through the second output (the residual
+    stream) is added by the norm's backward kernel instead of a separate pass."""
+    if isinstance(norm, RMSNorm):
+        return rms_norm_keeping_input(x, norm.weight, norm.variance_epsilon)
+    return norm(x), x
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,11 +101,15 @@ PRE_NORM_LAYER_CHILDREN = {"input_layernorm", "self_attn", "post_attention_layer
 
 def pre_norm_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """HF's pre-norm decoder layer (LLaMA, Mistral, Qwen2, Qwen3 alike), with the residual add after attention fused
-    into the post-attention RMSNorm; in the backward, that norm's kernel also adds the residual's gradient."""
+    into the post-attention RMSNorm and the one after the MLP into its down projection. In the backward, each
+    norm's kernel also adds the residual stream's gradient to its input's."""
     if args:  # HF passes everything after hidden_states by keyword; anything else takes the stock forward
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    attention_output, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-    normed, hidden_states = add_and_norm(self.post_attention_layernorm, attention_output, hidden_states)
+    normed, residual = norm_keeping_input(self.input_layernorm, hidden_states)
+    attention_output, _ = self.self_attn(hidden_states=normed, **kwargs)
+    normed, hidden_states = add_and_norm(self.post_attention_layernorm, attention_output, residual)
+    if isinstance(self.mlp, SwiGLUMLP):
+        return self.mlp(normed, residual=hidden_states)
     return hidden_states + self.mlp(normed)
 
 
@@ -189,15 +212,19 @@ class Attention(KernelModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
+        projections = project(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        query, key, value = (p.view(hidden_shape) for p in projections)
         if self.q_norm is not None:  # Qwen3 normalises each head before RoPE
             query, key = self.q_norm(query), self.k_norm(key)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = value.transpose(1, 2)
         cos, sin = position_embeddings
         query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            cached_key, cached_value = past_key_values.update(key, value, self.layer_idx)
+            # A cache that held no earlier positions hands back these same keys and values (DynamicCache: a
+            # copy). Attending to our own keeps their layout, so their gradients reach the projections uncopied.
+            if cached_key.shape[-2] != key.shape[-2]:
+                key, value = cached_key, cached_value
         if self.use_attention_kernel and use_triton(query):
             attention = accel_triton_attention
         else:

@@ -12,6 +12,8 @@ from accel_patch.kernels import (
     choose_backend,
     force_backend,
     rms_norm,
+    rms_norm_keeping_input,
+    shared_input_linears,
     swiglu,
     swiglu_linear,
 )
@@ -108,6 +110,95 @@ def test_rms_norm_matches_hf_rounding_with_fp32_weight():
             y = rms_norm(x, w, 1e-5)
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, hf, rtol=1e-6, atol=1e-6)
+
+
+def _backward_ops(loss: torch.Tensor) -> set[str]:
+    """Names of the aten ops the backward of ``loss`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        loss.backward()
+    return {event.name for event in profile.events()}
+
+
+def _gradient_adds(ops: set[str]) -> set[str]:
+    return ops & {"aten::add", "aten::add_"}
+
+
+@pytest.mark.parametrize(CASE_IDS, CASES)
+def test_rms_norm_keeping_input_adds_the_kept_inputs_gradient_in_its_backward(device, dtype, backend):
+    for shape in RMS_SHAPES[device]:
+        x = torch.randn(shape, device=device)
+        w = torch.rand(shape[-1], device=device) + 0.5
+        x64, w64 = _leaf(x, torch.float64), _leaf(w, torch.float64)
+        y64, _ = rms_norm64(x64, w64, 1e-6)
+        dy, dkept = torch.randn_like(y64), torch.randn_like(y64)
+        ((y64 * dy).sum() + (x64 * dkept).sum()).backward()
+        xl, wl = _leaf(x, dtype), _leaf(w, dtype)
+        with force_backend(backend):
+            y, kept = rms_norm_keeping_input(xl, wl, 1e-6)
+            assert torch.equal(kept, xl) and y.dtype == dtype
+            assert rel_err(y, y64) < TOL[dtype]
+            ops = _backward_ops((y.double() * dy).sum() + (kept.double() * dkept).sum())
+        assert rel_err(xl.grad, x64.grad) < TOL[dtype], f"grad of x, shape {shape}"
+        assert rel_err(wl.grad, w64.grad) < TOL[dtype], f"grad of weight, shape {shape}"
+        # one autograd node receives both gradients of x (the kernel adds them); the Triton backward has no add
+        assert kept.grad_fn is y.grad_fn and type(y.grad_fn).__name__ == "_RMSNormKeepingInputBackward"
+        assert backend == "reference" or not _gradient_adds(ops), f"the two gradients of x were added apart: {ops}"
+
+
+def _weights_and_biases(named: dict, n: int) -> tuple[list, list]:
+    return [named[f"w{i}"] for i in range(n)], [named.get(f"b{i}") for i in range(n)]
+
+
+LINEAR_SHAPES = {"cpu": [((3, 5, 40), (24, 8, 8)), ((7, 33), (10, 12))], "cuda": [((4096, 2048), (2048, 512, 512))]}
+
+
+@pytest.mark.parametrize(CASE_IDS, CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_shared_input_linears_sum_the_inputs_gradient_inside_the_matmuls(device, dtype, backend, with_bias):
+    for shape, out_features in LINEAR_SHAPES[device]:
+        inputs = {"x": torch.randn(shape, device=device)}
+        for i, n in enumerate(out_features):
+            inputs[f"w{i}"] = torch.randn(n, shape[-1], device=device) * shape[-1] ** -0.5
+            if with_bias:
+                inputs[f"b{i}"] = torch.randn(n, device=device)
+        leaves64 = {name: _leaf(t, torch.float64) for name, t in inputs.items()}
+        leaves = {name: _leaf(t, dtype) for name, t in inputs.items()}
+        n = len(out_features)
+        pairs64 = zip(*_weights_and_biases(leaves64, n), strict=True)
+        outs64 = [torch.nn.functional.linear(leaves64["x"], w, b) for w, b in pairs64]
+        upstream = [torch.randn_like(o) for o in outs64]
+        sum((o * d).sum() for o, d in zip(outs64, upstream, strict=True)).backward()
+        with force_backend(backend):
+            outs = shared_input_linears(leaves["x"], *_weights_and_biases(leaves, n))
+            for out, out64 in zip(outs, outs64, strict=True):
+                assert out.dtype == dtype and rel_err(out, out64) < TOL[dtype]
+            ops = _backward_ops(sum((o.double() * d).sum() for o, d in zip(outs, upstream, strict=True)))
+        for name, leaf in leaves.items():
+            assert rel_err(leaf.grad, leaves64[name].grad) < 2 * TOL[dtype], f"grad of {name}, shape {shape}"
+        assert len({out.grad_fn for out in outs}) == 1  # one node, which sums x's gradient in its GEMMs
+        assert "aten::addmm_" in ops and not _gradient_adds(ops), ops
+
+
+def test_separate_linears_add_their_input_gradients_in_a_pass_of_their_own():
+    """The baseline the two tests above improve on: autograd adds a shared input's gradients with ``aten::add``."""
+    x = torch.randn(6, 16, requires_grad=True)
+    w1, w2 = torch.randn(8, 16), torch.randn(4, 16)
+    assert _gradient_adds(_backward_ops((x @ w1.t()).sum() + (x @ w2.t()).sum()))
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_shared_input_linears_frozen_weights_and_autocast(backend):
+    x = torch.randn(6, 40, requires_grad=True)
+    w1, w2, b2 = torch.randn(12, 40), torch.randn(5, 40), torch.randn(5)
+    with force_backend(backend):
+        sum(out.sum() for out in shared_input_linears(x, [w1, w2], [None, b2])).backward()  # frozen, as under LoRA
+    assert rel_err(x.grad, (w1.sum(0) + w2.sum(0)).expand(6, 40)) < 1e-5
+    w1.requires_grad_()  # under autocast the float32 master weight gets a float32 gradient through the cast
+    with force_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = shared_input_linears(x.detach(), [w1, w2])
+    assert [out.dtype for out in outs] == [torch.bfloat16] * 2
+    outs[0].float().sum().backward()
+    assert w1.grad.dtype == torch.float32 and rel_err(w1.grad, x.detach().sum(0).expand(12, 40)) < 2e-2
 
 
 # ---------------------------------------------------------------- RoPE
@@ -260,6 +351,26 @@ def test_swiglu_linear(device, dtype, backend, with_bias):
             _grads_match(leaves64, y64, leaves, y, 2 * TOL[dtype])
 
 
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+@pytest.mark.parametrize("case", ["in the matmul", "with a bias", "float32 residual under autocast"])
+def test_swiglu_linear_adds_a_residual(backend, case):
+    g, u = torch.randn(2, 5, 48) * 3, torch.randn(2, 5, 48)
+    w, b, r = torch.randn(24, 48) * 48**-0.5, torch.randn(24), torch.randn(2, 5, 24)
+    inputs = {"gate": g, "up": u, "weight": w, "residual": r} | ({"bias": b} if case == "with a bias" else {})
+    leaves64 = {name: _leaf(t, torch.float64) for name, t in inputs.items()}
+    expected = leaves64["residual"] + torch.nn.functional.linear(
+        swiglu64(leaves64["gate"], leaves64["up"]), leaves64["weight"], leaves64.get("bias")
+    )
+    leaves = {name: _leaf(t) for name, t in inputs.items()}
+    with force_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.endswith("autocast")):
+        y = swiglu_linear(*(leaves[name] for name in ("gate", "up", "weight")), leaves.get("bias"), leaves["residual"])
+        tol = 2e-2 if case.endswith("autocast") else TOL[torch.float32]
+        assert y.dtype == torch.float32 and rel_err(y, expected) < tol
+        _grads_match(leaves64, expected, leaves, y, 2 * tol)
+    with pytest.raises(ValueError, match="residual"):
+        swiglu_linear(g, u, w, residual=torch.randn(2, 5, 23))
+
+
 def _saved_bytes(fn) -> int:
     """Bytes of the tensors autograd keeps for the backward while ``fn`` runs."""
     saved = []
@@ -335,6 +446,14 @@ def test_bad_inputs_raise_clear_errors():
         swiglu_linear(x, x, torch.randn(3, 8), torch.randn(2))
     with pytest.raises(TypeError, match="must share a dtype"):
         swiglu_linear(x, x, torch.randn(3, 8).half())
+    with pytest.raises(ValueError, match=r"weights\[1\] \(3, 9\) must be \[out, 8\]"):
+        shared_input_linears(x, [torch.randn(3, 8), torch.randn(3, 9)])
+    with pytest.raises(ValueError, match="one bias"):
+        shared_input_linears(x, [torch.randn(3, 8)], [None, None])
+    with pytest.raises(TypeError, match="must share a dtype"):
+        shared_input_linears(x, [torch.randn(3, 8).half()])
+    with pytest.raises(ValueError, match="does not match the last dim"):
+        rms_norm_keeping_input(x, torch.randn(9))
 
 
 def test_backend_choice_and_override(monkeypatch):
@@ -354,7 +473,10 @@ def test_ops_compile_fullgraph(backend):
     def block(x, w, q, k, cos, sin, g, u, down):
         y, h = rms_norm(x, w, 1e-6, residual=x * 2)
         qo, ko = apply_rope(q, k, cos, sin)
-        return y.sum() + h.sum() + qo.sum() + ko.sum() + swiglu(g, u).sum() + swiglu_linear(g, u, down).square().sum()
+        normed, kept = rms_norm_keeping_input(h, w)
+        first, second = shared_input_linears(g, [down, down * 2])
+        total = y.sum() + h.sum() + qo.sum() + ko.sum() + swiglu(g, u).sum() + swiglu_linear(g, u, down).square().sum()
+        return total + (normed * kept).sum() + first.sum() + second.square().sum()
 
     torch._dynamo.reset()
     args = [torch.randn(3, 16), torch.rand(16) + 0.5, torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)]

@@ -26,7 +26,7 @@ def test_matches_float64_cross_entropy(device, dtype, backend, num_items):
         weight = w64.to(device, dtype).requires_grad_()
         with force_backend(backend):
             loss = linear_cross_entropy(hidden, weight, labels.to(device), num_items=num_items)
-            loss.backward()
+            (loss * 2.5).backward()  # a non-unit upstream gradient scales the stored gradients
         h64.requires_grad_()
         w64.requires_grad_()
         # the reference sees the same rounded inputs, and logits rounded to the input dtype like HF's lm_head
@@ -35,7 +35,7 @@ def test_matches_float64_cross_entropy(device, dtype, backend, num_items):
         reduction = "mean" if num_items is None else "sum"
         expected = F.cross_entropy(logits, labels.to(device), ignore_index=-100, reduction=reduction)
         expected = expected / (num_items or 1)
-        expected.backward()
+        (expected * 2.5).backward()
         grad_hidden = logits.grad @ weight.detach().double()
         grad_weight = logits.grad.t() @ hidden.detach().double()
         assert loss.dtype == torch.float32 and loss.dim() == 0
