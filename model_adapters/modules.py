@@ -220,11 +220,7 @@ class Attention(KernelModule):
         cos, sin = position_embeddings
         query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         if past_key_values is not None:
-            cached_key, cached_value = past_key_values.update(key, value, self.layer_idx)
-            # A cache that held no earlier positions hands back these same keys and values (DynamicCache: a
-            # copy). Attending to our own keeps their layout, so their gradients reach the projections uncopied.
-            if cached_key.shape[-2] != key.shape[-2]:
-                key, value = cached_key, cached_value
+            key, value = past_key_values.update(key, value, self.layer_idx)
         if self.use_attention_kernel and use_triton(query):
             attention = accel_triton_attention
         else:
