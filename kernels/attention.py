@@ -131,20 +131,20 @@ def _attn_fwd_blocks(
                        BOUNDARY, BLOCK_D != HEAD_DIM)
         v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok[:, None], d_ok[None, :],
                        BOUNDARY, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)  # unscaled: the scale rides in exp2's argument (an FMA)
         if MASKED:
             ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
                           IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # base-2 running maximum
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_safe = m_new
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -207,7 +207,7 @@ def _attn_fwd_kernel(
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
-    for stage in tl.static_range(3):  # the window's edge, the whole blocks, the causal diagonal and the tail
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # the window's edge, the whole blocks, the diagonal
         stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
         acc, m_i, l_i = _attn_fwd_blocks(
             acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
@@ -399,7 +399,7 @@ def _attn_bwd_dq_kernel(
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
-    for stage in tl.static_range(3):
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # as forward: no window, no window's edge
         stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
         dq = _attn_bwd_dq_blocks(
             dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
@@ -752,6 +752,8 @@ def attention(
         raise ValueError(f"sliding_window must be positive or None, got {sliding_window}")
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     scale = head_dim**-0.5 if scale is None else float(scale)
+    if not scale > 0:  # the kernels take the row maximum of unscaled scores
+        raise ValueError(f"scale must be positive, got {scale}")
     out, _ = _attention(q, k, v, attn_mask, key_padding_mask, bool(causal), int(sliding_window or 0), scale)
     return out
 

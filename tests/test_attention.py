@@ -136,6 +136,8 @@ def test_attention_bad_inputs():
         attention(q, torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
     with pytest.raises(TypeError, match="share a dtype"):
         attention(q, k.half(), k)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        attention(q, k, k, scale=-0.25)
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
