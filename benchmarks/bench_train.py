@@ -2,8 +2,10 @@
 stock HF (sdpa), Liger-Kernel (rope + rms_norm + swiglu, and with its fused linear cross-entropy), torch.compile of
 the stock model, and ours (patch_model: every kernel, fused linear cross-entropy included).
 
-Each variant runs in its own process: Liger patches transformers' classes globally, and peak memory must not
-carry over. Reports tokens/s (median step) and peak GPU memory; writes benchmarks/results/train-<GPU>.md.
+Every variant runs the step as a training loop does, ``use_cache=False``: otherwise HF builds a KV cache in
+training too, copying every layer's keys and values into it. Each variant runs in its own process: Liger patches
+transformers' classes globally, and peak memory must not carry over. Reports tokens/s (median step) and peak
+GPU memory; writes benchmarks/results/train-<GPU>.md.
 
     python benchmarks/bench_train.py              # all configs and variants, on a CUDA GPU
     python benchmarks/bench_train.py --tiny       # a seconds-long smoke run of the script itself (CPU works)
@@ -83,7 +85,7 @@ def profile(config_name: str, variant: str, tiny: bool) -> None:
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] * (device == "cuda"))
     with torch.profiler.profile(activities=activities) as trace:
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
@@ -119,7 +121,7 @@ def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
         if step == 3 and device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -149,7 +151,7 @@ def main() -> None:
     shape = "2 x 32 (--tiny)" if args.tiny else "4 x 2048"
     peak = None if args.tiny else peak_bf16_tflops()
     notes = [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
-                       f"{args.steps} steps after 3 warm-up; each variant in its own process",
+                       f"{args.steps} steps after 3 warm-up, use_cache=False; each variant in its own process",
                        f"MFU: model matmul FLOPs (6 x Linear and LM-head parameters + causal attention, per token) "
                        f"x tokens/s over the GPU's dense bf16 peak ({peak or 'unknown'} TFLOP/s)"]  # fmt: skip
     if not has("liger_kernel"):

@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> tuple[list[float], torch.nn.Module]:
         for _ in range(args.grad_accum):
             ids = next(data).to(accelerator.device)
             with accelerator.accumulate(model), accelerator.autocast():
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # no KV cache in training
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()

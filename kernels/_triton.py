@@ -33,7 +33,7 @@ except ImportError:
         cdiv=lambda a, b: -(-a // b),
         next_power_of_2=lambda n: 1 << max(0, math.ceil(math.log2(n))),
     )
-    tl = SimpleNamespace(constexpr=None)
+    tl = SimpleNamespace(constexpr=lambda value=None: value)  # wraps module-level constants kernels read
 
 # The launch below calls Triton's compiled-kernel launcher directly, an internal interface: only on the
 # Triton releases it was checked against (on the H100: the cached-launch tests in tests/test_kernels.py), elsewhere

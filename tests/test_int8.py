@@ -46,6 +46,21 @@ def test_int8_linear_matches_float64(device, dtype, backend, with_bias):
             assert rel_err(bias.grad, b64.grad) < TOL[dtype]
 
 
+@pytest.mark.parametrize("device,dtype,backend", CASES)
+def test_one_row_reads_every_int8_value_exactly(device, dtype, backend):
+    # Weight rows hold every int8 value, -128 included (a loaded checkpoint may have it), at shifting positions;
+    # one-hot rows of x then read single weights back: with scale 1 the output must be the integer itself.
+    # This pins the one-row kernel's int8 -> float conversion (bit tricks on CUDA) value by value.
+    values = torch.arange(-128, 128, dtype=torch.int16)
+    w_int8 = torch.stack([values.roll(shift) for shift in range(0, 256, 37)]).to(torch.int8).to(device)
+    scale = torch.ones(w_int8.shape[0], device=device)
+    with force_backend(backend):
+        for col in (0, 1, 2, 3, 100, 255):
+            x = torch.zeros(1, 256, device=device, dtype=dtype)
+            x[0, col] = 1.0
+            assert torch.equal(int8_linear(x, w_int8, scale)[0].float().cpu(), w_int8[:, col].float().cpu()), col
+
+
 def test_quantize_round_trip_error_bound():
     w = torch.randn(40, 70) * torch.logspace(-3, 2, 40)[:, None]  # rows of very different magnitude
     w[3] = 0.0
