@@ -80,7 +80,7 @@ def tune_gemv() -> None:
         w, scale = int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         print(f"  {k}->{n}: default {int8_module._gemv_blocks(n, k, x.device)}")
-        for launch in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048, 4096), (4, 8), (1, 3)):
+        for launch in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048, 4096), (4, 8), (1, 2, 3, 4)):
             if not 2048 <= launch[0] * launch[1] <= 32768:
                 continue
             run = lambda c=launch: int8_module._gemv_triton(x, w, scale, None, n, (1, k), c)  # noqa: B023, E731

@@ -148,6 +148,7 @@ def _w8a16_decode_kernel(
 def _w8a16_gemv_kernel(
     A, B, SCALE, BIAS, C, N, K, stride_bk, stride_bn,
     HAS_BIAS: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     """One row (batch-1 decode), forward: C[N] = dequant(B)[N, K] @ A[K], without tensor cores. Each program
     reads BLOCK_N whole weight rows along K, keeps float32 products per lane and reduces them once at the end:
@@ -157,7 +158,8 @@ def _w8a16_gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     rows = B + offs_n.to(tl.int64)[:, None] * stride_bn
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # stages named on the loop itself: without a dot in it, Triton pipelines its loads (cp.async) only then
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
         ks = k0 + offs_k
         k_ok = ks < K
         w = tl.load(rows + ks[None, :] * stride_bk, mask=n_ok[:, None] & k_ok[None, :], other=0)
@@ -187,8 +189,8 @@ def _gemv_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bia
     c = torch.empty((1, n), dtype=a.dtype, device=a.device)
     _w8a16_gemv_kernel[(triton.cdiv(n, block_n),)](
         a, b_int8, scale, bias if bias is not None else scale, c, n, a.shape[1], *b_strides,
-        HAS_BIAS=bias is not None, FAST=FAST_CONVERT, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        num_stages=stages,
+        HAS_BIAS=bias is not None, FAST=FAST_CONVERT, BLOCK_N=block_n, BLOCK_K=block_k, LOOP_STAGES=stages,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return c
 
