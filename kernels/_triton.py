@@ -41,18 +41,13 @@ except ImportError:
 _CHECKED_TRITON = ("3.6",)
 
 
-def _argument_key(arg):
-    """What Triton specialises a kernel on for one argument (a superset: equal keys mean the same compiled kernel):
-    a tensor's dtype and 16-byte alignment; an integer's being 1, being a multiple of 16 and its width."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, arg.data_ptr() % 16 == 0
-    if isinstance(arg, bool):
-        return "bool", arg
-    if isinstance(arg, int):
-        return "int", arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg >= 2**63
-    if isinstance(arg, float):
-        return "float"
-    return "other", arg
+def _launch_key(args: tuple) -> tuple:
+    """What Triton specialises a kernel on, per argument (a superset: equal keys mean the same compiled kernel): a
+    tensor's dtype and 16-byte alignment; an integer's being 1, being a multiple of 16 and its width; a float's
+    type only. One comprehension rather than a call per argument: it is on every launch's path."""
+    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+                  else (a == 1, not a & 15, -(2**31) <= a < 2**31, a >= 2**63) if type(a) is int
+                  else float if type(a) is float else (type(a), a) for a in args])  # fmt: skip
 
 
 def _hooked(hook) -> bool:
@@ -68,7 +63,7 @@ class _CachedLaunch:
     pointers, or with peer access reads them from the wrong GPU's stream).
 
     With ``direct``, the first launch per specialisation goes through Triton (compiling, autotuning); it is
-    remembered under :func:`_argument_key` of each argument (plus the autotuning key's values), and later launches
+    remembered under :func:`_launch_key` of its arguments (plus the autotuning key's values), and later launches
     with the same key call the compiled kernel directly. That skips Triton's per-launch argument binding, cache-key
     hashing and the autotuner's bookkeeping: 30-100 us of host time per launch on the H100's host, more than a
     small kernel runs. Launch hooks (profilers such as proton) and arguments that cannot be keyed take Triton's
@@ -94,23 +89,23 @@ class _CachedLaunch:
     def launch(self, grid, *args, **constexprs):
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
-        home = args[0].device.index if isinstance(args[0], torch.Tensor) and args[0].is_cuda else device
-        if home != device:
+        home = args[0].get_device() if isinstance(args[0], torch.Tensor) else -1  # -1: a CPU tensor
+        if home >= 0 and home != device:
             with torch.cuda.device(home):
                 return self.launch(grid, *args, **constexprs)
         hooks = triton.knobs.runtime
         if not self.direct or _hooked(hooks.launch_enter_hook) or _hooked(hooks.launch_exit_hook):
             return self.kernel[grid](*args, **constexprs)
-        key = (device, *map(_argument_key, args), *(args[i] for i in self.tuned_positions if i < len(args)),
+        key = (device, _launch_key(args), *(args[i] for i in self.tuned_positions if i < len(args)),
                *constexprs.items())  # fmt: skip
         remembered = self.launches.get(key)
         if remembered is None:
             return self._launch_through_triton(key, grid, args, constexprs)
-        run, function, packed_metadata, trailing, meta = remembered
+        launch, function, head, trailing, meta = remembered
         dims = grid(meta) if callable(grid) else grid
         stream = driver.get_current_stream(device)
-        run(dims[0], dims[1] if len(dims) > 1 else 1, dims[2] if len(dims) > 2 else 1, stream, function,
-            packed_metadata, None, None, None, *args, *trailing)  # no hooks: checked above
+        launch(dims[0], dims[1] if len(dims) > 1 else 1, dims[2] if len(dims) > 2 else 1, stream, function, *head,
+               *args, *trailing)  # fmt: skip
 
     def _launch_through_triton(self, key, grid, args, constexprs):
         compiled = self.kernel[grid](*args, **constexprs)
@@ -119,8 +114,22 @@ class _CachedLaunch:
         keyable = all(not isinstance(v, torch.Tensor) for v in constexprs.values())
         if keyable and all(name in meta for name in trailing_names) and hasattr(compiled, "packed_metadata"):
             trailing = tuple(meta[name] for name in trailing_names)  # constexprs travel as launcher arguments too
-            self.launches[key] = (compiled.run, compiled.function, compiled.packed_metadata, trailing, meta)
+            self.launches[key] = (*_launcher(compiled), trailing, meta)
         return compiled
+
+
+def _launcher(compiled) -> tuple:
+    """``(launch, function, head)``: ``launch(grid x, y, z, stream, function, *head, *args)`` starts ``compiled``.
+    The compiled launcher's C entry point where the kernel needs no scratch memory (Triton's Python wrapper around
+    it only allocates that scratch: ~5 us per launch on the H100's host), else the wrapper. No launch hooks: the
+    caller checked."""
+    run = compiled.run  # packed metadata, launch metadata, enter hook, exit hook: then the kernel's arguments
+    tail = (compiled.packed_metadata, None, None, None)
+    c_launch = getattr(run, "launch", None)
+    scratch = (getattr(run, "global_scratch_size", 1), getattr(run, "profile_scratch_size", 1))
+    if c_launch is None or scratch != (0, 0):
+        return run, compiled.function, tail
+    return c_launch, compiled.function, (run.launch_cooperative_grid, run.launch_pdl, None, None, *tail)
 
 
 def cached_launch(kernel):

@@ -513,8 +513,8 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
         return _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale)
     batch, n_q, seq_q, head_dim = q.shape
     n_kv, seq_k = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seq_q, n_q, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, n_q, seq_q), dtype=torch.float32, device=q.device)
+    out = q.new_empty((batch, seq_q, n_q, head_dim))
+    lse = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     if out.numel():
         _attn_fwd_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
@@ -572,7 +572,7 @@ def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
 def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):
     batch, n_q, seq_q, head_dim = q.shape
     n_kv, seq_k = k.shape[1], k.shape[2]
-    delta = torch.empty((batch, n_q, seq_q), dtype=torch.float32, device=q.device)  # written by the dQ kernel
+    delta = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)  # written by the dQ kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     common = dict(

@@ -114,11 +114,11 @@ def _fwd_triton(x, weight, residual, eps, out_dtype):
     n = x.shape[-1]
     x2 = as_rows(x)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    y = x.new_empty((m, n), dtype=out_dtype)
+    rstd = x.new_empty(m, dtype=torch.float32)
     if residual is not None:
         res2 = as_rows(residual)
-        h = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        h = x.new_empty((m, n))
     else:
         res2, h = x2, y  # unused by the kernel; any tensor keeps the signature uniform
     block, warps = _launch_config(n)
@@ -148,11 +148,11 @@ def _bwd_triton(dy, dh, x, weight, rstd, config=None):
     n = x.shape[-1]
     dy2, x2 = as_rows(dy), as_rows(x)
     m = x2.shape[0]
-    dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dx = x.new_empty((m, n))
     block_m, block_n, warps, programs = config or _bwd_config(n, m, x.device)
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
     programs = max(triton.cdiv(m, rows_per_program), 1)
-    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    dw_partial = x.new_empty((programs, n), dtype=torch.float32)
     dh2 = as_rows(dh) if dh is not None else dy2
     if m > 0:
         _rms_norm_bwd_kernel[(programs,)](

@@ -66,7 +66,7 @@ TILE_ELEMS = 8192  # elements of one [tokens, heads, half] tile: enough bytes in
 
 def _out_like(t: torch.Tensor) -> torch.Tensor:
     """Output buffer in t's memory layout (HF's transposed q/k stay transposed), last dim contiguous."""
-    return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return torch.empty_like(t) if t.stride(-1) == 1 else t.new_empty(t.shape)
 
 
 def _trig_strides(cos: torch.Tensor) -> tuple[int, int]:

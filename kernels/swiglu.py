@@ -87,7 +87,7 @@ def _swiglu_fwd_triton(gate, up, block=None, warps=None):
     (g2, u2), default_block, default_warps = _as_2d(gate, up)
     block, warps = block or default_block, warps or default_warps
     m, n = g2.shape
-    y = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
+    y = gate.new_empty((m, n))
     if y.numel():
         _swiglu_fwd_kernel[(m, triton.cdiv(n, block))](
             g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=block, num_warps=warps
@@ -99,9 +99,9 @@ def _swiglu_bwd_triton(dy, gate, up, with_output=False, block=None, warps=None):
     (dy2, g2, u2), default_block, default_warps = _as_2d(dy, gate, up)
     block, warps = block or default_block, warps or default_warps
     m, n = g2.shape
-    dg = torch.empty((m, n), dtype=gate.dtype, device=gate.device)
-    du = torch.empty((m, n), dtype=up.dtype, device=up.device)
-    y = torch.empty((m, n) if with_output else (0, n), dtype=gate.dtype, device=gate.device)
+    dg = gate.new_empty((m, n))
+    du = up.new_empty((m, n))
+    y = gate.new_empty((m, n) if with_output else (0, n))
     if dg.numel():
         _swiglu_bwd_kernel[(m, triton.cdiv(n, block))](
             dy2, g2, u2, dg, du, y, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
