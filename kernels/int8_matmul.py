@@ -171,6 +171,7 @@ def _w8a16_gemv_kernel(
     tl.store(C + offs_n, out.to(C.dtype.element_ty), mask=n_ok)
 
 
+@functools.cache  # on every decode step's path
 def _gemv_blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K) of the one-row kernel: as many weight rows per program as still gives two programs per
     SM, and about 8K weight bytes per tile (the CPU interpreter: small tiles)."""
@@ -184,23 +185,37 @@ def _gemv_blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
 
 def _gemv_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, n: int, b_strides: tuple[int, int],
                  launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:  # fmt: skip
-    """The one-row kernel; ``launch`` = (BLOCK_N, BLOCK_K, warps, stages) overrides the default (tune_kernels)."""
-    block_n, block_k, warps, stages = launch or (*_gemv_blocks(n, a.shape[1], a.device), 4, 3)
-    c = torch.empty((1, n), dtype=a.dtype, device=a.device)
+    """The one-row kernel: ``a`` holds one row of K (any leading dims of size 1, unit stride along K); the output
+    has ``a``'s shape with N for K. ``launch`` = (BLOCK_N, BLOCK_K, warps, stages) overrides the default
+    (tune_kernels)."""
+    k = a.shape[-1]
+    block_n, block_k, warps, stages = launch or (*_gemv_blocks(n, k, a.device), 4, 3)
+    c = a.new_empty((*a.shape[:-1], n))
     _w8a16_gemv_kernel[(triton.cdiv(n, block_n),)](
-        a, b_int8, scale, bias if bias is not None else scale, c, n, a.shape[1], *b_strides,
+        a, b_int8, scale, bias if bias is not None else scale, c, n, k, *b_strides,
         HAS_BIAS=bias is not None, FAST=FAST_CONVERT, BLOCK_N=block_n, BLOCK_K=block_k, LOOP_STAGES=stages,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return c
 
 
+@cached_launch
+@triton.jit
+def _sum_splits_kernel(PARTIAL, BIAS, C, splits, mn, n, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """C[m, n] = the sum over s of the float32 PARTIAL[s, m, n] (+ BIAS[n]), in C's dtype: the split-K decode
+    kernel's epilogue in one launch (a decode step is host-bound: sum, bias add and cast were three)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < mn
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(splits):
+        acc += tl.load(PARTIAL + s * mn + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs % n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=mask)
+
+
+SUM_BLOCK = 1024
 DECODE_ROWS = 16  # up to this many rows the GEMM is memory-bound: small tiles and split-K
-
-
-def _decode_blocks(device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps) of the decode kernel (the CPU interpreter: small tiles)."""
-    return (16, 64, 256, 4) if device.type == "cuda" else (16, 32, 32, 4)
 
 
 @functools.cache
@@ -208,22 +223,29 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _k_splits(n_programs: int, k: int, block_k: int, device: torch.device) -> int:
-    """Split K until the decode programs cover the GPU twice, keeping >= 2 K blocks per split."""
+@functools.cache  # on every decode step's path
+def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[int, int, int], int, dict]:
+    """(grid, K per split, launch constants) of the decode kernel: small tiles (the CPU interpreter: smaller), and K
+    split until the programs cover the GPU twice, keeping >= 2 K blocks per split."""
+    on_gpu = device.type == "cuda"
+    block_m, block_n, block_k, warps = (16, 64, 256, 4) if on_gpu else (16, 32, 32, 4)
+    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     # on the CPU interpreter, 8 still splits the test shapes several ways
-    target = 2 * _sm_count(device.index) if device.type == "cuda" else 8
-    min_blocks = 2 if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(target, n_programs), k // (min_blocks * block_k)))
+    target = 2 * _sm_count(device.index) if on_gpu else 8
+    splits = max(1, min(triton.cdiv(target, grid_mn[0] * grid_mn[1]), k // ((2 if on_gpu else 1) * block_k)))
+    k_per_split = max(triton.cdiv(triton.cdiv(k, splits), block_k), 1) * block_k
+    constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
+    return (*grid_mn, max(triton.cdiv(k, k_per_split), 1)), k_per_split, constants  # K = 0: one split of zeros
 
 
 def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, scale_out: bool, n: int,
                    b_strides: tuple[int, int]) -> torch.Tensor:  # fmt: skip
     m, k = a.shape
     if m == 0 or n == 0:
-        return torch.empty((m, n), dtype=a.dtype, device=a.device)
+        return a.new_empty((m, n))
     flags = dict(SCALE_OUT=scale_out, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
     if m > DECODE_ROWS:
-        c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+        c = a.new_empty((m, n))
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _w8a16_tiled_kernel[grid](
             a, b_int8, scale, bias if bias is not None else scale, c,
@@ -231,26 +253,20 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
             c.stride(1), HAS_BIAS=bias is not None, **flags,
         )  # fmt: skip
         return c
-    if m == 1 and scale_out:
-        return _gemv_triton(a, b_int8, scale, bias, n, b_strides)
-    block_m, block_n, block_k, warps = _decode_blocks(a.device)
-    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    k_per_split = triton.cdiv(triton.cdiv(k, _k_splits(grid_mn[0] * grid_mn[1], k, block_k, a.device)),
-                              block_k) * block_k  # fmt: skip
-    splits = triton.cdiv(k, k_per_split)
-    c = torch.empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype, device=a.device)
-    _w8a16_decode_kernel[(*grid_mn, splits)](
+    grid, k_per_split, constants = _decode_launch(m, n, k, a.device)
+    splits = grid[2]
+    c = a.new_empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype)
+    _w8a16_decode_kernel[grid](
         a, b_int8, scale, bias if bias is not None else scale, c,
         m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1), c.stride(2),
-        HAS_BIAS=bias is not None and splits == 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, **flags,
+        HAS_BIAS=bias is not None and splits == 1, **constants, **flags,
     )  # fmt: skip
     if splits == 1:
         return c[0]
-    out = c.sum(0)
-    if bias is not None:
-        out += bias.float()
-    return out.to(a.dtype)
+    out = a.new_empty((m, n))
+    _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](c, bias if bias is not None else c, out, splits, m * n, n,
+                                                         HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)  # fmt: skip
+    return out
 
 
 def quantize_per_channel(weight: torch.Tensor, rows_per_step: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,9 +298,12 @@ def int8_linear_ref(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Ten
 def _forward(
     x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    n = weight_int8.shape[0]
-    if use_triton(x):
+    n, k = weight_int8.shape
+    triton_ok = use_triton(x)
+    if triton_ok and x.numel() == k and k > 0:  # one row (decode at batch 1): no reshapes on this hot path
+        return _gemv_triton(x, weight_int8, scale, bias, n, (weight_int8.stride(1), weight_int8.stride(0)))
+    x2 = x.reshape(-1, k)
+    if triton_ok:
         y = _matmul_triton(x2, weight_int8, scale, bias, True, n, (weight_int8.stride(1), weight_int8.stride(0)))
     else:
         y = int8_linear_ref(x2, weight_int8, scale, bias)
@@ -338,15 +357,18 @@ def int8_linear(
     x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``x @ (weight_int8 * scale[:, None]).T + bias``: weight ``[out, in]`` int8, scale ``[out]`` float32."""
+    # Every check runs on each call (a decode step makes one per Linear), so they compare ints, not torch.Size.
     check_float("x", x)
     if weight_int8.dtype != torch.int8 or weight_int8.dim() != 2:
         raise TypeError(f"weight must be a 2-D int8 tensor, got {weight_int8.dtype} {tuple(weight_int8.shape)}")
-    n, k = tuple(weight_int8.shape)
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
-    if scale.dtype != torch.float32 or tuple(scale.shape) != (n,):
+    n, k = weight_int8.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x of shape {tuple(x.shape)} must end in the weight's {k} input features")
+    if scale.dtype != torch.float32 or scale.dim() != 1 or scale.shape[0] != n:
         raise ValueError(f"scale must be float32 of shape ({n},), got {scale.dtype} {tuple(scale.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    check_same_device(x=x, weight=weight_int8, scale=scale, **({"bias": bias} if bias is not None else {}))
+    device = x.device
+    if weight_int8.device != device or scale.device != device or (bias is not None and bias.device != device):
+        check_same_device(x=x, weight=weight_int8, scale=scale, **({"bias": bias} if bias is not None else {}))
     return _int8_linear(unit_last_stride(x), weight_int8, scale, bias)

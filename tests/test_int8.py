@@ -47,6 +47,21 @@ def test_int8_linear_matches_float64(device, dtype, backend, with_bias):
 
 
 @pytest.mark.parametrize("device,dtype,backend", CASES)
+def test_int8_linear_keeps_leading_dims(device, dtype, backend):
+    # one row as a decode step passes it ([batch 1, 1 token, K]: the one-row kernel reads it in place) and several
+    k, n = SHAPES[device][0][1:]
+    w_int8, scale = quantize_per_channel(torch.randn(n, k, device=device))
+    bias = torch.randn(n, device=device).to(dtype)
+    w64 = w_int8.double() * scale.double()[:, None]
+    for leading in ((1, 1), (2, 3), ()):
+        x = torch.randn(*leading, k, device=device).to(dtype)
+        with force_backend(backend):
+            y = int8_linear(x, w_int8, scale, bias)
+        assert y.shape == (*leading, n) and y.dtype == dtype
+        assert rel_err(y, x.double() @ w64.t() + bias.double()) < TOL[dtype], leading
+
+
+@pytest.mark.parametrize("device,dtype,backend", CASES)
 def test_one_row_reads_every_int8_value_exactly(device, dtype, backend):
     # Weight rows hold every int8 value, -128 included (a loaded checkpoint may have it), at shifting positions;
     # one-hot rows of x then read single weights back: with scale 1 the output must be the integer itself.
