@@ -66,18 +66,18 @@ def shared_input_linears(
         return shared_input_linears_ref(x, weights, biases)
     x, *parameters = autocast_cast(x, *weights, *biases)
     weights, biases = parameters[: len(weights)], parameters[len(weights) :]
-    check_float("x", x)
-    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-        check_float(f"weights[{i}]", weight)
-        if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-            raise ValueError(f"weights[{i}] {tuple(weight.shape)} must be [out, {x.shape[-1]}] for x {tuple(x.shape)}")
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    check_float("x", x)  # the weights and biases must share its dtype, so they are float too
+    dtype, width, device = x.dtype, x.shape[-1], x.device
+    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):  # per call: ints compared, no strings built
+        if weight.dim() != 2 or weight.shape[1] != width:
+            raise ValueError(f"weights[{i}] {tuple(weight.shape)} must be [out, {width}] for x {tuple(x.shape)}")
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
             raise ValueError(f"biases[{i}] {tuple(bias.shape)} must be [{weight.shape[0]}]")
-        if {weight.dtype, x.dtype, (bias if bias is not None else weight).dtype} != {x.dtype}:
-            raise TypeError(f"x ({x.dtype}), weights[{i}] ({weight.dtype}) and its bias must share a dtype")
+        if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            raise TypeError(f"x ({dtype}), weights[{i}] ({weight.dtype}) and its bias must share a dtype")
+        if weight.device != device or (bias is not None and bias.device != device):
+            check_same_device(x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
     tensors = [t for t in (*weights, *biases) if t is not None]
-    if any(t.device != x.device for t in tensors):
-        check_same_device(x=x, **{f"parameter{i}": t for i, t in enumerate(tensors)})
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors))
     if not needs_grad:  # inference: no autograd node to build
         return shared_input_linears_ref(x, weights, biases)
