@@ -121,7 +121,7 @@ class _CachedLaunch:
 def _launcher(compiled) -> tuple:
     """``(launch, function, head)``: ``launch(grid x, y, z, stream, function, *head, *args)`` starts ``compiled``.
     The compiled launcher's C entry point where the kernel needs no scratch memory (Triton's Python wrapper around
-    it only allocates that scratch: ~5 us per launch on the H100's host), else the wrapper. No launch hooks: the
+    it only allocates that scratch: 9.2 -> 7.7 us per launch on the H100's host), else the wrapper. No launch hooks: the
     caller checked."""
     run = compiled.run  # packed metadata, launch metadata, enter hook, exit hook: then the kernel's arguments
     tail = (compiled.packed_metadata, None, None, None)
