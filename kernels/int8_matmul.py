@@ -300,11 +300,12 @@ def _forward(
 ) -> torch.Tensor:
     n, k = weight_int8.shape
     triton_ok = use_triton(x)
+    b_strides = (weight_int8.stride(1), weight_int8.stride(0))  # the kernels read the weight as [K, N]
     if triton_ok and x.numel() == k and k > 0:  # one row (decode at batch 1): no reshapes on this hot path
-        return _gemv_triton(x, weight_int8, scale, bias, n, (weight_int8.stride(1), weight_int8.stride(0)))
+        return _gemv_triton(x, weight_int8, scale, bias, n, b_strides)
     x2 = x.reshape(-1, k)
     if triton_ok:
-        y = _matmul_triton(x2, weight_int8, scale, bias, True, n, (weight_int8.stride(1), weight_int8.stride(0)))
+        y = _matmul_triton(x2, weight_int8, scale, bias, True, n, b_strides)
     else:
         y = int8_linear_ref(x2, weight_int8, scale, bias)
     return y.reshape(*x.shape[:-1], n)
