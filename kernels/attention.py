@@ -117,20 +117,21 @@ def _attn_fwd_blocks(
     b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax over key blocks [lo, hi). Off the boundary (BOUNDARY=False) every key is in range and
     visible, so without a user mask the block needs no bounds, no masking and no empty-row guard."""
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
+    CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + offs_n
         k_ok = keys < seq_k
         k = _load_tile(k_base + keys[None, :] * sk_s + offs_d[:, None], k_ok[None, :], d_ok[:, None],
-                       BOUNDARY, BLOCK_D != HEAD_DIM)
+                       CHECK_ROWS, BLOCK_D != HEAD_DIM)
         v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok[:, None], d_ok[None, :],
-                       BOUNDARY, BLOCK_D != HEAD_DIM)
+                       CHECK_ROWS, BLOCK_D != HEAD_DIM)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)  # unscaled: the scale rides in exp2's argument (an FMA)
         if MASKED:
             ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
@@ -170,7 +171,7 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
 
     return triton.autotune(
         configs=[config(shape) for shape in sorted(small | large)],
-        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM"],
+        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "WHOLE_TILES"],
         prune_configs_by={"early_config_prune": by_head_dim},
     )
 
@@ -188,7 +189,7 @@ def _attn_fwd_kernel(
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Causal query blocks near the end see the most keys: launch them first so the tail of the grid is short.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -212,7 +213,8 @@ def _attn_fwd_kernel(
         acc, m_i, l_i = _attn_fwd_blocks(
             acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
             b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES,
+            DOT_PRECISION,
         )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -245,20 +247,21 @@ def _attn_bwd_dkdv_blocks(
     b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Scores are computed transposed, keys as rows (S^T = K Q^T), so that P^T and dS^T come out of their dots in
     # the layout the dV and dK dots take as their left operand: no transposes of register tiles.
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
+    CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_q
-        q_t = _load_tile(q_base + offs_m[None, :] * sq_s + offs_d[:, None], m_ok[None, :], d_ok[:, None], BOUNDARY,
+        q_t = _load_tile(q_base + offs_m[None, :] * sq_s + offs_d[:, None], m_ok[None, :], d_ok[:, None], CHECK_ROWS,
                          BLOCK_D != HEAD_DIM)
-        do = _load_tile(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], m_ok[:, None], d_ok[None, :], BOUNDARY,
+        do = _load_tile(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], m_ok[:, None], d_ok[None, :], CHECK_ROWS,
                         BLOCK_D != HEAD_DIM)
-        if BOUNDARY:
+        if CHECK_ROWS:
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         else:
@@ -277,13 +280,14 @@ def _attn_bwd_dkdv_blocks(
     return dk, dv
 
 
-# The three fastest of seven in benchmarks/tune_kernels.py at (4, 32, 2048, 128 and 64) on an H100. Tiles split
-# as FlashAttention-2's Triton tutorial does (dK/dV: 32 queries x 128 keys, dQ: 128 x 32) measured 1.1-4.9x
-# slower here at (4, 32/8, 2048, 64 and 128). dK/dV (transposed scores) has its own three of six, from the same
-# sweep at (4, 32/8, 2048, 64 and 128).
-_BWD_SHAPES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2))
+# From sweeps on an H100 at (4, 32/8 and 32/32, 2048, 64 and 128) and (1, 32, 8192, 128), causal, whole tiles
+# (TFLOP/s of each kernel's own matmuls). dQ: 128 x 64 / 8 warps / 3 stages 456 at head dim 128 (64 x 64 / 4 / 2:
+# 439), 64 x 64 / 4 / 3 458 at 64. dK/dV (transposed scores): 64 x 64 / 4 / 2 first everywhere (337, 463, 532),
+# 32 x 64 / 4 / 3 second (324, 436, 483). Tiles split as FlashAttention-2's Triton tutorial does (dK/dV: 32
+# queries x 128 keys, dQ: 128 x 32) measured 1.1-4.9x slower.
+_BWD_SHAPES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))
 _BWD_SHAPES_256 = ((32, 32, 8, 1), (32, 32, 4, 1))
-_DKDV_SHAPES = ((64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 4, 3))
+_DKDV_SHAPES = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3))
 
 
 @cached_launch
@@ -296,7 +300,7 @@ def _attn_bwd_dkdv_kernel(
     n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program owns a block of keys of one KV head and sums over every query head of its group,
     # so grouped-query gradients need no atomics.
@@ -324,12 +328,14 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b * sq_b + h * sq_h
         do_base = DO + b * sdo_b + h * sdo_h
         row_base = (b * n_q_heads + h) * seq_q
-        for stage in tl.static_range(3):  # the causal diagonal, the whole blocks, the window's edge and the tail
+        # the causal diagonal, the whole blocks, the window's edge and the ragged tail (none with whole tiles)
+        for stage in tl.static_range(2 if WHOLE_TILES and not HAS_WINDOW else 3):
             stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
             dk, dv = _attn_bwd_dkdv_blocks(
                 dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, stage_lo, stage_hi,
                 b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, DOT_PRECISION,
+                HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES,
+            DOT_PRECISION,
             )  # fmt: skip
     dk_ptrs = DK + b * sdk_b + kv_h * sdk_h + keys[:, None] * sdk_s + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -343,15 +349,16 @@ def _attn_bwd_dq_blocks(
     b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
+    CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     d_ok = (offs_d < HEAD_DIM)[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         k_ok = (keys < seq_k)[:, None]
-        k = _load_tile(k_base + keys[:, None] * sk_s + offs_d[None, :], k_ok, d_ok, BOUNDARY, BLOCK_D != HEAD_DIM)
-        v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok, d_ok, BOUNDARY, BLOCK_D != HEAD_DIM)
+        k = _load_tile(k_base + keys[:, None] * sk_s + offs_d[None, :], k_ok, d_ok, CHECK_ROWS, BLOCK_D != HEAD_DIM)
+        v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok, d_ok, CHECK_ROWS, BLOCK_D != HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -374,7 +381,7 @@ def _attn_bwd_dq_kernel(
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest key ranges first, as forward
     b = tl.program_id(1) // n_q_heads
@@ -404,7 +411,8 @@ def _attn_bwd_dq_kernel(
         dq = _attn_bwd_dq_blocks(
             dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
             b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES,
+            DOT_PRECISION,
         )  # fmt: skip
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -501,9 +509,17 @@ def _mask_args(attn_mask, key_padding_mask, q):
     return mask, strides, kpm, kpm_stride
 
 
-def _flags(attn_mask, key_padding_mask, causal, window, dtype):
+# Every tile side in the lists above divides this: sequences of a multiple of it have no ragged tile.
+LARGEST_TILE = 128
+
+
+def _flags(attn_mask, key_padding_mask, causal, window, dtype, seq_q, seq_k):
+    """The kernels' specialisations. ``WHOLE_TILES``: no tile reaches past the sequences, so no load needs bounds
+    and the dK/dV kernel has no ragged tail to walk. Its empty tail loop and bounded loads had cost it 6-8% at
+    its best tile and up to 22% at others (H100, 2048 and 8192 tokens, head dims 64 and 128)."""
     return dict(
         IS_CAUSAL=causal, HAS_WINDOW=window > 0, HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None,
+        WHOLE_TILES=seq_q % LARGEST_TILE == 0 and seq_k % LARGEST_TILE == 0,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
 
@@ -524,7 +540,7 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
             sm_b, sm_q, sm_k, skpm_b,
             n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
+            **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
         )  # fmt: skip
     return out, lse
 
@@ -550,7 +566,7 @@ def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
     part_out = torch.empty((batch, n_q, splits, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, n_q, splits), dtype=torch.float32, device=q.device)
     mask, (sm_b, _, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
-    flags = _flags(attn_mask, key_padding_mask, True, window, q.dtype)
+    flags = _flags(attn_mask, key_padding_mask, True, window, q.dtype, 1, seq_k)
     _attn_decode_kernel[(splits, batch * n_kv)](
         q, k, v, part_out, part_lse, mask, kpm,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
@@ -577,7 +593,7 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     common = dict(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        **_flags(attn_mask, key_padding_mask, causal, window, q.dtype),
+        **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
     )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()

@@ -169,15 +169,26 @@ def _backward(ctx, dloss, _dgrad_hidden, _dgrad_weight):
 _linear_cross_entropy = differentiable(_forward_op, _forward, _setup_context, _backward)
 
 
+def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
+    """Refuse a label outside ``[0, vocab_size)`` that is not ``ignore_index`` (it would index past the logits).
+    Reading the answer waits for the GPU to reach this point (a host sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"labels hold {int(labels[bad][0])}, outside [0, {vocab_size}) and not "
+                         f"ignore_index={ignore_index}")  # fmt: skip
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-    num_items: int | torch.Tensor | None = None,
+    num_items: int | torch.Tensor | None = None, labels_checked: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (already aligned: no shift here), as a float32
     scalar: the mean over labels that are not ``ignore_index``, or their sum divided by ``num_items``.
 
     ``hidden``: ``[..., H]``; ``weight``: ``[V, H]`` (the LM head, tied or not); ``labels``: ``hidden``'s shape
-    without ``H``. The ``[tokens, V]`` logits are never held whole.
+    without ``H``. The ``[tokens, V]`` logits are never held whole. ``labels_checked=True`` skips
+    :func:`check_labels` (for callers that ran it before queueing the forward, where its host sync costs nothing:
+    here it would stall the host until the GPU has finished the whole forward).
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -192,11 +203,8 @@ def linear_cross_entropy(
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     check_same_device(hidden=hidden, weight=weight, labels=labels)
     labels = labels.reshape(-1).to(torch.int64)
-    if not torch.compiler.is_compiling():  # a label past the vocabulary would index out of bounds
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-        if bool(bad.any()):
-            raise ValueError(f"labels hold {int(labels[bad][0])}, outside [0, {weight.shape[0]}) and not "
-                             f"ignore_index={ignore_index}")  # fmt: skip
+    if not labels_checked and not torch.compiler.is_compiling():
+        check_labels(labels, weight.shape[0], ignore_index)
     if num_items is not None and not isinstance(num_items, torch.Tensor):
         num_items = torch.tensor(float(num_items))
     hidden = hidden.reshape(-1, hidden.shape[-1]).contiguous()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..kernels import linear_cross_entropy
+from ..kernels.linear_cross_entropy import check_labels, linear_cross_entropy
 from .modules import install_forward, plain_linear, remove_forward
 
 IGNORE_INDEX = -100  # HF's ForCausalLMLoss default
@@ -35,13 +35,17 @@ def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: 
         return type(self).forward(self, input_ids, attention_mask, *args, labels=labels,
                                   logits_to_keep=logits_to_keep, **kwargs)
     return_dict = kwargs.pop("return_dict", None)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    hidden = outputs.last_hidden_state
     shift_labels = kwargs.get("shift_labels")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    # Checked before the forward is queued, beside HF's own sync in its mask preamble; after it, the check would
+    # hold the host until the GPU had run the whole forward, and the loss's first kernels would wait for the host.
+    if not torch.compiler.is_compiling():
+        check_labels(shift_labels, head.weight.shape[0], IGNORE_INDEX)
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    hidden = outputs.last_hidden_state
     loss = linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), ignore_index=IGNORE_INDEX,
-                                num_items=kwargs.get("num_items_in_batch"))  # fmt: skip
+                                num_items=kwargs.get("num_items_in_batch"), labels_checked=True)  # fmt: skip
     output = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
     return output.to_tuple() if return_dict is False else output

@@ -47,6 +47,9 @@ CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, mask kind); head dim
     # windows wider than the 16-wide interpreter tiles: whole blocks between the window's edge and the diagonal
     "wide_window": (1, 2, 1, 100, 100, "wide_window"),
     "wide_window_cache_offset": (1, 4, 2, 37, 90, "wide_window"),
+    # lengths that are multiples of every tile side: the kernels' unbounded loads (WHOLE_TILES)
+    "whole_tiles": (1, 4, 2, 128, 128, "causal"),
+    "whole_tiles_window_cache_offset": (1, 2, 1, 128, 256, "wide_window"),
     # one query per sequence: the split-K decode kernel
     "decode_long_padded": (2, 8, 2, 1, 300, "left_pad"),
     "decode_window": (1, 4, 1, 1, 150, "window"),

@@ -389,6 +389,13 @@ def test_fused_cross_entropy_follows_hf_loss_conventions(backend):
         got = patched(input_ids=ids, labels=labels, **kwargs).loss
         assert abs(got.item() - expected.item()) <= 1e-4 * expected.item(), kwargs
     assert isinstance(patched(ids, labels=labels, return_dict=False), tuple)
+    # a label past the vocabulary is refused before the decoder runs (its check's host sync stays out of the step)
+    decoder_calls = []
+    hook = patched.model.register_forward_pre_hook(lambda *_: decoder_calls.append(1))
+    with pytest.raises(ValueError, match=f"outside \\[0, {VOCAB}\\)"):
+        patched(ids, labels=labels.masked_fill(labels == ids[0, 5], VOCAB))
+    hook.remove()
+    assert decoder_calls == []
     with torch.no_grad():  # evaluation keeps the logits
         out, expected = patched(ids, labels=labels), stock(ids, labels=labels)
         assert out.logits is not None and abs(out.loss.item() - expected.loss.item()) <= 1e-4 * expected.loss.item()
