@@ -282,7 +282,7 @@ def _attn_bwd_dkdv_blocks(
 
 # From sweeps on an H100 at (4, 32/8 and 32/32, 2048, 64 and 128) and (1, 32, 8192, 128), causal, whole tiles
 # (TFLOP/s of each kernel's own matmuls). dQ: 128 x 64 / 8 warps / 3 stages 456 at head dim 128 (64 x 64 / 4 / 2:
-# 439), 64 x 64 / 4 / 3 458 at 64. dK/dV (transposed scores): 64 x 64 / 4 / 2 first everywhere (337, 463, 532),
+# 439), 64 x 64 / 4 / 3 452 at 64. dK/dV (transposed scores): 64 x 64 / 4 / 2 first everywhere (337, 463, 532),
 # 32 x 64 / 4 / 3 second (324, 436, 483). Tiles split as FlashAttention-2's Triton tutorial does (dK/dV: 32
 # queries x 128 keys, dQ: 128 x 32) measured 1.1-4.9x slower.
 _BWD_SHAPES = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3))
@@ -335,7 +335,7 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, stage_lo, stage_hi,
                 b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
                 HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES,
-            DOT_PRECISION,
+                DOT_PRECISION,
             )  # fmt: skip
     dk_ptrs = DK + b * sdk_b + kv_h * sdk_h + keys[:, None] * sdk_s + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
