@@ -21,6 +21,10 @@ try:
     TRITON_INSTALLED = True
 except ImportError:
     TRITON_INSTALLED = False
+try:  # host-side TMA descriptors (Triton 3.3 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
     def _jit(fn=None, **_options):
         # Keep the Python function: it is never launched, but the module that defines it imports.
@@ -43,11 +47,14 @@ _CHECKED_TRITON = ("3.6",)
 
 def _launch_key(args: tuple) -> tuple:
     """What Triton specialises a kernel on, per argument (a superset: equal keys mean the same compiled kernel): a
-    tensor's dtype and 16-byte alignment; an integer's being 1, being a multiple of 16 and its width; a float's
-    type only. One comprehension rather than a call per argument: it is on every launch's path."""
+    tensor's dtype and 16-byte alignment; a tensor descriptor's dtype, block shape and padding; an integer's being
+    1, being a multiple of 16 and its width; a float's type only. One comprehension rather than a call per
+    argument: it is on every launch's path."""
     return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, torch.Tensor)
                   else (a == 1, not a & 15, -(2**31) <= a < 2**31, a >= 2**63) if type(a) is int
-                  else float if type(a) is float else (type(a), a) for a in args])  # fmt: skip
+                  else float if type(a) is float
+                  else (a.base.dtype, *a.block_shape, a.padding) if type(a) is TensorDescriptor
+                  else (type(a), a) for a in args])  # fmt: skip
 
 
 def _hooked(hook) -> bool:
@@ -58,9 +65,9 @@ def _hooked(hook) -> bool:
 class _CachedLaunch:
     """A ``@triton.jit`` kernel (or a ``@triton.autotune`` of one) launched as ``kernel[grid](*args, **constexprs)``.
 
-    Every launch runs on the GPU that holds its first tensor argument. Triton launches on the *current* device,
-    which under ``device_map="auto"`` across GPUs is not where a layer's tensors live (Triton then refuses the
-    pointers, or with peer access reads them from the wrong GPU's stream).
+    Every launch runs on the GPU that holds its first argument (a tensor, or a tensor descriptor's tensor). Triton
+    launches on the *current* device, which under ``device_map="auto"`` across GPUs is not where a layer's tensors
+    live (Triton then refuses the pointers, or with peer access reads them from the wrong GPU's stream).
 
     With ``direct``, the first launch per specialisation goes through Triton (compiling, autotuning); it is
     remembered under :func:`_launch_key` of its arguments (plus the autotuning key's values), and later launches
@@ -89,7 +96,8 @@ class _CachedLaunch:
     def launch(self, grid, *args, **constexprs):
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
-        home = args[0].get_device() if isinstance(args[0], torch.Tensor) else -1  # -1: a CPU tensor
+        first = args[0].base if type(args[0]) is TensorDescriptor else args[0]
+        home = first.get_device() if isinstance(first, torch.Tensor) else -1  # -1: a CPU tensor
         if home >= 0 and home != device:
             with torch.cuda.device(home):
                 return self.launch(grid, *args, **constexprs)
@@ -145,4 +153,4 @@ def cached_launch(kernel):
     return _CachedLaunch(kernel, direct)
 
 
-__all__ = ["TRITON_INSTALLED", "cached_launch", "tl", "triton"]
+__all__ = ["TRITON_INSTALLED", "TensorDescriptor", "cached_launch", "tl", "triton"]

@@ -11,6 +11,8 @@ key outputs zeros.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._backend import (
@@ -23,9 +25,12 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import cached_launch, tl, triton
+from ._triton import TensorDescriptor, cached_launch, tl, triton
 
 LOG2E = 1.4426950408889634
+# The forward's tile (BLOCK_M, BLOCK_N, warps, stages) where TMA copies its tiles: the fastest on an H100 at
+# (4, 32, 2048, 128 and 64) and (8, 32/8, 1024, 128), 6-15% faster than the same tile through plain loads.
+TMA_TILE = (64, 64, 4, 3)
 
 
 @triton.jit
@@ -114,25 +119,31 @@ def _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M: tl.const
 @triton.jit
 def _attn_fwd_blocks(
     acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, lo, hi,
-    b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+    b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
-    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax over key blocks [lo, hi). Off the boundary (BOUNDARY=False) every key is in range and
-    visible, so without a user mask the block needs no bounds, no masking and no empty-row guard."""
+    visible, so without a user mask the block needs no bounds, no masking and no empty-row guard. With ``TMA``,
+    ``k_base`` and ``v_base`` are the K and V tensor descriptors."""
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
     CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + offs_n
-        k_ok = keys < seq_k
-        k = _load_tile(k_base + keys[None, :] * sk_s + offs_d[:, None], k_ok[None, :], d_ok[:, None],
-                       CHECK_ROWS, BLOCK_D != HEAD_DIM)
-        v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok[:, None], d_ok[None, :],
-                       CHECK_ROWS, BLOCK_D != HEAD_DIM)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION)  # unscaled: the scale rides in exp2's argument (an FMA)
+        if TMA:  # the copy engine fetches the tiles (keys past the end arrive as zeros, masked below)
+            k = k_base.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_base.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            k_ok = keys < seq_k
+            k = _load_tile(k_base + keys[None, :] * sk_s + offs_d[:, None], k_ok[None, :], d_ok[:, None],
+                           CHECK_ROWS, BLOCK_D != HEAD_DIM)
+            v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok[:, None], d_ok[None, :],
+                           CHECK_ROWS, BLOCK_D != HEAD_DIM)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)  # unscaled: the scale rides in exp2's argument (an FMA)
         if MASKED:
             ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
                           IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
@@ -166,12 +177,13 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
     small, large = set(tile_choices(for_head_dim_up_to_128)), set(tile_choices(for_head_dim_256))
 
     def by_head_dim(configs, named_args, **kwargs):
-        wanted = large if kwargs["BLOCK_D"] > 128 else small
+        # with TMA, the host built the descriptors for one tile
+        wanted = {TMA_TILE} if kwargs.get("TMA") else large if kwargs["BLOCK_D"] > 128 else small
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(
-        configs=[config(shape) for shape in sorted(small | large)],
-        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "WHOLE_TILES"],
+        configs=[config(shape) for shape in sorted(small | large | {TMA_TILE})],
+        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "WHOLE_TILES", "TMA"],
         prune_configs_by={"early_config_prune": by_head_dim},
     )
 
@@ -189,7 +201,7 @@ def _attn_fwd_kernel(
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Causal query blocks near the end see the most keys: launch them first so the tail of the grid is short.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -199,9 +211,14 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
-    k_base = K + b * sk_b + kv_h * sk_h
-    v_base = V + b * sv_b + kv_h * sv_h
+    if TMA:  # Q, K, V: descriptors over [batch, heads, seq, head_dim]; OUT over [batch, seq, heads, head_dim]
+        q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        k_base = K
+        v_base = V
+    else:
+        q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
+        k_base = K + b * sk_b + kv_h * sk_h
+        v_base = V + b * sv_b + kv_h * sv_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -212,14 +229,17 @@ def _attn_fwd_kernel(
         stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
         acc, m_i, l_i = _attn_fwd_blocks(
             acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
-            b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES,
+            b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES, TMA,
             DOT_PRECISION,
         )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=(offs_m < seq_q)[:, None] & d_ok[None, :])
+    if TMA:  # rows past the end are clipped by the copy engine
+        OUT.store([b, start_m, h, 0], out.to(OUT.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
+    else:
+        tl.store(OUT + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=(offs_m < seq_q)[:, None] & d_ok[None, :])
     # base-2 logsumexp; +inf for empty rows makes every probability 0 in the backward
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + (b * n_q_heads + h) * seq_q + offs_m, lse, mask=offs_m < seq_q)
@@ -524,6 +544,30 @@ def _flags(attn_mask, key_padding_mask, causal, window, dtype, seq_q, seq_k):
     )
 
 
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9  # Hopper and later
+
+
+def _tma_descriptors(q, k, v, out) -> tuple | None:
+    """Tensor descriptors of q, k, v ``[batch, heads, seq, head_dim]`` and out ``[batch, seq, heads, head_dim]`` for
+    the forward's TMA tile, or None where the copy engine cannot take them: before Hopper, 32-bit floats, head dims
+    other than 64 and 128 (the kernel's tile is the head dim, unpadded), or a base or stride not 16-byte aligned."""
+    head_dim = q.shape[-1]
+    if (
+        TensorDescriptor is None or not q.is_cuda or head_dim not in (64, 128)
+        or q.dtype not in (torch.float16, torch.bfloat16) or not _has_tma(q.get_device())
+    ):  # fmt: skip
+        return None
+    tensors = (q, k, v, out)
+    if any(t.data_ptr() % 16 or any(s <= 0 or s % 8 for s in t.stride()[:-1]) for t in tensors):
+        return None
+    block_m, block_n = TMA_TILE[:2]
+    blocks = ([1, 1, block_m, head_dim], [1, 1, block_n, head_dim], [1, 1, block_n, head_dim],
+              [1, block_m, 1, head_dim])  # fmt: skip
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), b) for t, b in zip(tensors, blocks, strict=True))
+
+
 def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
     if q.shape[2] == 1 and q.numel():  # decode; causality is implicit for the last position
         return _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale)
@@ -533,13 +577,14 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
     lse = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     if out.numel():
+        descriptors = _tma_descriptors(q, k, v, out)
         _attn_fwd_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
-            q, k, v, out, lse, mask, kpm,
+            *(descriptors or (q, k, v, out)), lse, mask, kpm,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             sm_b, sm_q, sm_k, skpm_b,
             n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TMA=descriptors is not None,
             **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
         )  # fmt: skip
     return out, lse

@@ -1,5 +1,7 @@
 """Triton flash attention against an explicit float64 softmax built from independently written masks."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -123,6 +125,31 @@ def test_fully_masked_rows_output_zeros(backend):
     with force_backend(backend):
         out = attention(q, k, v, attn_mask=dense)
     assert torch.isfinite(out).all() and out[0, 2].abs().max() == 0
+
+
+@pytest.mark.gpu
+def test_forward_copies_tiles_with_tma_where_the_copy_engine_can():
+    kernels = importlib.import_module("accel_patch.kernels.attention")
+
+    def descriptors(q, k, v):
+        return kernels._tma_descriptors(q, k, v, q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+    def hf_layout(heads, head_dim, dtype=torch.bfloat16, offset=0):  # [B, S, H, D] memory seen as [B, H, S, D]
+        flat = torch.randn(2 * 40 * heads * head_dim + offset, device="cuda", dtype=dtype)
+        return flat[offset:].view(2, 40, heads, head_dim).transpose(1, 2)
+
+    q, k, v = hf_layout(8, 128), hf_layout(2, 128), hf_layout(2, 128)
+    assert (descriptors(q, k, v) is not None) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert descriptors(hf_layout(8, 80), hf_layout(2, 80), hf_layout(2, 80)) is None  # a padded head dim
+    assert descriptors(q.float(), k.float(), v.float()) is None
+    shifted = hf_layout(8, 128, offset=1)  # base one element off 16-byte alignment: plain loads
+    shifted.copy_(q)
+    assert descriptors(shifted, k, v) is None
+    # both paths (40 tokens: a ragged tile, which TMA fills with zeros) against the float64 reference
+    ok = allowed64(40, 40, causal=True, window=0, key_padding=None, dense=None, batch=2)
+    expected = attention64(*(t.cpu().double() for t in (q, k, v)), ok, 128**-0.5)
+    for query in (q, shifted):
+        assert rel_err(attention(query, k, v).cpu(), expected) < TOL[torch.bfloat16]
 
 
 def test_attention_bad_inputs():
