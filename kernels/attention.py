@@ -28,9 +28,15 @@ from ._backend import (
 from ._triton import TensorDescriptor, cached_launch, tl, triton
 
 LOG2E = 1.4426950408889634
-# The forward's tile (BLOCK_M, BLOCK_N, warps, stages) where TMA copies its tiles: the fastest on an H100 at
-# (4, 32, 2048, 128 and 64) and (8, 32/8, 1024, 128), 6-15% faster than the same tile through plain loads.
-TMA_TILE = (64, 64, 4, 3)
+# Each kernel's tile (BLOCK_M, BLOCK_N, warps, stages) by head dim where TMA copies its tiles (one tile: the host
+# builds the descriptors for it). Measured on an H100 at (4, 32/8 and 32/32, 2048), (1, 32, 8192) and
+# (8, 32/8, 1024), against the same tiles through plain loads: forward +6-15%; dQ +3-5%; dK/dV +4% at
+# (4, 32, 2048, 128), +32% at (8, 32/8, 1024, 128), even at head dim 64, -3% at (1, 32, 8192, 128).
+TMA_TILES = {
+    "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)},
+    "dq": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
+    "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
+}
 
 
 @triton.jit
@@ -161,12 +167,13 @@ def _attn_fwd_blocks(
     return acc, m_i, l_i
 
 
-def _autotune(for_head_dim_up_to_128, for_head_dim_256):
+def _autotune(for_head_dim_up_to_128, for_head_dim_256, tma_tiles):
     """``triton.autotune`` over (BLOCK_M, BLOCK_N, warps, stages) shapes: one list for head dims up to 128, one
     for larger ones (whose tiles must be smaller to fit shared memory). Autotuning happens on the first call per
     key: head dim, dtype and which masks apply; not the lengths, so that training and generation with ever-new
     lengths do not recompile and retune (each new key compiles every config: seconds per kernel).
-    ``ACCEL_PATCH_AUTOTUNE=0`` keeps only the first shape of each list: one compile per key, no tuning."""
+    ``ACCEL_PATCH_AUTOTUNE=0`` keeps only the first shape of each list: one compile per key, no tuning. With TMA,
+    the one tile of ``tma_tiles`` for the head dim (the host built its descriptors for it)."""
 
     def config(shape):
         block_m, block_n, warps, stages = shape
@@ -177,12 +184,11 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
     small, large = set(tile_choices(for_head_dim_up_to_128)), set(tile_choices(for_head_dim_256))
 
     def by_head_dim(configs, named_args, **kwargs):
-        # with TMA, the host built the descriptors for one tile
-        wanted = {TMA_TILE} if kwargs.get("TMA") else large if kwargs["BLOCK_D"] > 128 else small
+        wanted = {tma_tiles[kwargs["HEAD_DIM"]]} if kwargs["TMA"] else large if kwargs["BLOCK_D"] > 128 else small
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
     return triton.autotune(
-        configs=[config(shape) for shape in sorted(small | large | {TMA_TILE})],
+        configs=[config(shape) for shape in sorted(small | large | set(tma_tiles.values()))],
         key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "WHOLE_TILES", "TMA"],
         prune_configs_by={"early_config_prune": by_head_dim},
     )
@@ -192,6 +198,7 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256):
 @_autotune(
     ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)),  # first: last session's hand-tuned best
     ((64, 32, 8, 2), (32, 32, 4, 2)),
+    TMA_TILES["fwd"],
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -264,23 +271,28 @@ def _full_query_blocks(start_n, lo, hi, seq_q, seq_k, q_offset, window, BLOCK_M:
 @triton.jit
 def _attn_bwd_dkdv_blocks(
     dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, lo, hi,
-    b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+    b, h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
-    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Scores are computed transposed, keys as rows (S^T = K Q^T), so that P^T and dS^T come out of their dots in
-    # the layout the dV and dK dots take as their left operand: no transposes of register tiles.
+    # the layout the dV and dK dots take as their left operand: no transposes of register tiles. With TMA,
+    # q_base and do_base are the Q and dO tensor descriptors.
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
     CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_q
-        q_t = _load_tile(q_base + offs_m[None, :] * sq_s + offs_d[:, None], m_ok[None, :], d_ok[:, None], CHECK_ROWS,
-                         BLOCK_D != HEAD_DIM)
-        do = _load_tile(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], m_ok[:, None], d_ok[None, :], CHECK_ROWS,
-                        BLOCK_D != HEAD_DIM)
+        if TMA:  # rows past the end arrive as zeros
+            q_t = tl.trans(q_base.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
+            do = do_base.load([b, start_m, h, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q_t = _load_tile(q_base + offs_m[None, :] * sq_s + offs_d[:, None], m_ok[None, :], d_ok[:, None],
+                             CHECK_ROWS, BLOCK_D != HEAD_DIM)
+            do = _load_tile(do_base + offs_m[:, None] * sdo_s + offs_d[None, :], m_ok[:, None], d_ok[None, :],
+                            CHECK_ROWS, BLOCK_D != HEAD_DIM)
         if CHECK_ROWS:
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -311,7 +323,7 @@ _DKDV_SHAPES = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3))
 
 
 @cached_launch
-@_autotune(_DKDV_SHAPES, _BWD_SHAPES_256)
+@_autotune(_DKDV_SHAPES, _BWD_SHAPES_256, TMA_TILES["dkdv"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
@@ -320,10 +332,10 @@ def _attn_bwd_dkdv_kernel(
     n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program owns a block of keys of one KV head and sums over every query head of its group,
-    # so grouped-query gradients need no atomics.
+    # so grouped-query gradients need no atomics. With TMA, Q and DO are tensor descriptors.
     start_n = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1) // n_kv_heads
     kv_h = tl.program_id(1) % n_kv_heads
@@ -345,16 +357,20 @@ def _attn_bwd_dkdv_kernel(
                                           IS_CAUSAL, HAS_WINDOW)
     for g in range(0, group):
         h = kv_h * group + g
-        q_base = Q + b * sq_b + h * sq_h
-        do_base = DO + b * sdo_b + h * sdo_h
+        if TMA:
+            q_base = Q
+            do_base = DO
+        else:
+            q_base = Q + b * sq_b + h * sq_h
+            do_base = DO + b * sdo_b + h * sdo_h
         row_base = (b * n_q_heads + h) * seq_q
         # the causal diagonal, the whole blocks, the window's edge and the ragged tail (none with whole tiles)
         for stage in tl.static_range(2 if WHOLE_TILES and not HAS_WINDOW else 3):
             stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
             dk, dv = _attn_bwd_dkdv_blocks(
                 dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, stage_lo, stage_hi,
-                b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES,
+                b, h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES, TMA,
                 DOT_PRECISION,
             )  # fmt: skip
     dk_ptrs = DK + b * sdk_b + kv_h * sdk_h + keys[:, None] * sdk_s + offs_d[None, :]
@@ -366,19 +382,25 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_blocks(
     dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, lo, hi,
-    b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+    b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
-    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
     CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     d_ok = (offs_d < HEAD_DIM)[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
-        k_ok = (keys < seq_k)[:, None]
-        k = _load_tile(k_base + keys[:, None] * sk_s + offs_d[None, :], k_ok, d_ok, CHECK_ROWS, BLOCK_D != HEAD_DIM)
-        v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok, d_ok, CHECK_ROWS, BLOCK_D != HEAD_DIM)
+        if TMA:  # k_base and v_base are the K and V tensor descriptors; keys past the end arrive as zeros
+            k = k_base.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = v_base.load([b, kv_h, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            k_ok = (keys < seq_k)[:, None]
+            k = _load_tile(k_base + keys[:, None] * sk_s + offs_d[None, :], k_ok, d_ok, CHECK_ROWS,
+                           BLOCK_D != HEAD_DIM)
+            v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok, d_ok, CHECK_ROWS,
+                           BLOCK_D != HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED:
@@ -392,7 +414,7 @@ def _attn_bwd_dq_blocks(
 
 
 @cached_launch
-@_autotune(_BWD_SHAPES, _BWD_SHAPES_256)
+@_autotune(_BWD_SHAPES, _BWD_SHAPES_256, TMA_TILES["dq"])
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, OUT, DO, LSE, DELTA, DQ, MASK, KPM,
@@ -401,8 +423,9 @@ def _attn_bwd_dq_kernel(
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    WHOLE_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # With TMA, K and V are tensor descriptors.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest key ranges first, as forward
     b = tl.program_id(1) // n_q_heads
     h = tl.program_id(1) % n_q_heads
@@ -421,8 +444,12 @@ def _attn_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + row_base + offs_m, delta, mask=m_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = K + b * sk_b + kv_h * sk_h
-    v_base = V + b * sv_b + kv_h * sv_h
+    if TMA:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b * sk_b + kv_h * sk_h
+        v_base = V + b * sv_b + kv_h * sv_h
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
@@ -430,8 +457,8 @@ def _attn_bwd_dq_kernel(
         stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
         dq = _attn_bwd_dq_blocks(
             dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
-            b, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES,
+            b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES, TMA,
             DOT_PRECISION,
         )  # fmt: skip
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :]
@@ -549,23 +576,21 @@ def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9  # Hopper and later
 
 
-def _tma_descriptors(q, k, v, out) -> tuple | None:
-    """Tensor descriptors of q, k, v ``[batch, heads, seq, head_dim]`` and out ``[batch, seq, heads, head_dim]`` for
-    the forward's TMA tile, or None where the copy engine cannot take them: before Hopper, 32-bit floats, head dims
-    other than 64 and 128 (the kernel's tile is the head dim, unpadded), or a base or stride not 16-byte aligned."""
-    head_dim = q.shape[-1]
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether the copy engine can fetch tiles of ``tensors`` (the first one a query-like ``[..., head_dim]``): Hopper
+    or later, 16-bit floats, head dim 64 or 128 (the kernels' tile is the head dim, unpadded), bases and strides
+    16-byte aligned."""
+    first = tensors[0]
     if (
-        TensorDescriptor is None or not q.is_cuda or head_dim not in (64, 128)
-        or q.dtype not in (torch.float16, torch.bfloat16) or not _has_tma(q.get_device())
+        TensorDescriptor is None or not first.is_cuda or first.shape[-1] not in (64, 128)
+        or first.dtype not in (torch.float16, torch.bfloat16) or not _has_tma(first.get_device())
     ):  # fmt: skip
-        return None
-    tensors = (q, k, v, out)
-    if any(t.data_ptr() % 16 or any(s <= 0 or s % 8 for s in t.stride()[:-1]) for t in tensors):
-        return None
-    block_m, block_n = TMA_TILE[:2]
-    blocks = ([1, 1, block_m, head_dim], [1, 1, block_n, head_dim], [1, 1, block_n, head_dim],
-              [1, block_m, 1, head_dim])  # fmt: skip
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), b) for t, b in zip(tensors, blocks, strict=True))
+        return False
+    return not any(t.data_ptr() % 16 or any(s <= 0 or s % 8 for s in t.stride()[:-1]) for t in tensors)
+
+
+def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
 def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
@@ -577,14 +602,20 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
     lse = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     if out.numel():
-        descriptors = _tma_descriptors(q, k, v, out)
+        tma = _tma_ready(q, k, v, out)
+        q_, k_, v_, out_ = q, k, v, out
+        if tma:  # q, k, v [batch, heads, seq, head_dim], out [batch, seq, heads, head_dim]
+            block_m, block_n = TMA_TILES["fwd"][head_dim][:2]
+            q_ = _descriptor(q, [1, 1, block_m, head_dim])
+            k_, v_ = _descriptor(k, [1, 1, block_n, head_dim]), _descriptor(v, [1, 1, block_n, head_dim])
+            out_ = _descriptor(out, [1, block_m, 1, head_dim])
         _attn_fwd_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
-            *(descriptors or (q, k, v, out)), lse, mask, kpm,
+            q_, k_, v_, out_, lse, mask, kpm,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             sm_b, sm_q, sm_k, skpm_b,
             n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TMA=descriptors is not None,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TMA=tma,
             **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
         )  # fmt: skip
     return out, lse
@@ -642,21 +673,29 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    # not without causality: Triton 3.6's ptxas crashed (SIGSEGV) compiling a non-causal TMA backward on the H100
+    tma = causal and _tma_ready(q, k, v, dout)
+    k_, v_, q_, dout_ = k, v, q, dout  # what the copy engine fetches: dQ's keys and values, dK/dV's queries and dO
+    if tma:  # q, k, v [batch, heads, seq, head_dim], dout [batch, seq, heads, head_dim]
+        block_n = TMA_TILES["dq"][head_dim][1]
+        k_, v_ = _descriptor(k, [1, 1, block_n, head_dim]), _descriptor(v, [1, 1, block_n, head_dim])
+        block_m = TMA_TILES["dkdv"][head_dim][0]
+        q_, dout_ = _descriptor(q, [1, 1, block_m, head_dim]), _descriptor(dout, [1, block_m, 1, head_dim])
     _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
-        q, k, v, out, dout, lse, delta, dq, mask, kpm,
+        q, k_, v_, out, dout, lse, delta, dq, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
-        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
+        n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, TMA=tma, **common,
     )  # fmt: skip
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv)](
-        q, k, v, dout, lse, delta, dk, dv, mask, kpm,
+        q_, k, v, dout_, lse, delta, dk, dv, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         sm_b, sm_q, sm_k, skpm_b,
-        n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, **common,
+        n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, TMA=tma, **common,
     )  # fmt: skip
     return dq, dk, dv
 

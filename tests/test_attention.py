@@ -128,28 +128,33 @@ def test_fully_masked_rows_output_zeros(backend):
 
 
 @pytest.mark.gpu
-def test_forward_copies_tiles_with_tma_where_the_copy_engine_can():
+def test_kernels_copy_tiles_with_tma_where_the_copy_engine_can():
     kernels = importlib.import_module("accel_patch.kernels.attention")
-
-    def descriptors(q, k, v):
-        return kernels._tma_descriptors(q, k, v, q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
     def hf_layout(heads, head_dim, dtype=torch.bfloat16, offset=0):  # [B, S, H, D] memory seen as [B, H, S, D]
         flat = torch.randn(2 * 40 * heads * head_dim + offset, device="cuda", dtype=dtype)
         return flat[offset:].view(2, 40, heads, head_dim).transpose(1, 2)
 
     q, k, v = hf_layout(8, 128), hf_layout(2, 128), hf_layout(2, 128)
-    assert (descriptors(q, k, v) is not None) == (torch.cuda.get_device_capability()[0] >= 9)
-    assert descriptors(hf_layout(8, 80), hf_layout(2, 80), hf_layout(2, 80)) is None  # a padded head dim
-    assert descriptors(q.float(), k.float(), v.float()) is None
+    assert kernels._tma_ready(q, k, v) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert not kernels._tma_ready(hf_layout(8, 80), hf_layout(2, 80), hf_layout(2, 80))  # a padded head dim
+    assert not kernels._tma_ready(q.float(), k.float(), v.float())
     shifted = hf_layout(8, 128, offset=1)  # base one element off 16-byte alignment: plain loads
     shifted.copy_(q)
-    assert descriptors(shifted, k, v) is None
-    # both paths (40 tokens: a ragged tile, which TMA fills with zeros) against the float64 reference
+    assert not kernels._tma_ready(shifted, k, v)
+    # both paths (40 tokens: ragged tiles, which TMA fills with zeros and clips) against the float64 reference
     ok = allowed64(40, 40, causal=True, window=0, key_padding=None, dense=None, batch=2)
-    expected = attention64(*(t.cpu().double() for t in (q, k, v)), ok, 128**-0.5)
+    leaves64 = [t.cpu().double().requires_grad_() for t in (q, k, v)]
+    expected = attention64(*leaves64, ok, 128**-0.5)
+    dout = torch.randn_like(expected)
+    (expected * dout).sum().backward()
     for query in (q, shifted):
-        assert rel_err(attention(query, k, v).cpu(), expected) < TOL[torch.bfloat16]
+        leaves = [t.detach().requires_grad_() for t in (query, k, v)]
+        out = attention(*leaves)
+        assert rel_err(out.cpu(), expected) < TOL[torch.bfloat16]
+        (out.double() * dout.cuda()).sum().backward()
+        for name, ours, ref in zip("qkv", leaves, leaves64, strict=True):
+            assert rel_err(ours.grad.cpu(), ref.grad) < 2 * TOL[torch.bfloat16], f"d{name}"
 
 
 def test_attention_bad_inputs():
