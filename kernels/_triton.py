@@ -21,10 +21,6 @@ try:
     TRITON_INSTALLED = True
 except ImportError:
     TRITON_INSTALLED = False
-try:  # host-side TMA descriptors (Triton 3.3 and later)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
 
     def _jit(fn=None, **_options):
         # Keep the Python function: it is never launched, but the module that defines it imports.
@@ -38,6 +34,10 @@ except ImportError:
         next_power_of_2=lambda n: 1 << max(0, math.ceil(math.log2(n))),
     )
     tl = SimpleNamespace(constexpr=lambda value=None: value)  # wraps module-level constants kernels read
+try:  # host-side TMA descriptors (Triton 3.3 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # The launch below calls Triton's compiled-kernel launcher directly, an internal interface: only on the
 # Triton releases it was checked against (on the H100: the cached-launch tests in tests/test_kernels.py), elsewhere
