@@ -16,7 +16,7 @@ from accel_patch import Int8Linear
 from common import copy_bandwidth, graph_ms, has, median_ms, write_table
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (in, out)
-TOKENS = [1, 16, 128, 2048, 8192]
+TOKENS = [1, 16, 128, 1024, 2048, 8192]
 
 
 def _baselines(linear: torch.nn.Linear) -> tuple[dict, list[str]]:

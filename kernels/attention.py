@@ -32,11 +32,24 @@ LOG2E = 1.4426950408889634
 # builds the descriptors for it). Measured on an H100 at (4, 32/8 and 32/32, 2048), (1, 32, 8192) and
 # (8, 32/8, 1024), against the same tiles through plain loads: forward +6-15%; dQ +3-5%; dK/dV +4% at
 # (4, 32, 2048, 128), +32% at (8, 32/8, 1024, 128), even at head dim 64, -3% at (1, 32, 8192, 128).
+# "fwd_long": the forward's tile from LONG_QUERIES queries on, where the larger tile's cheaper key loop outweighs
+# its larger masked diagonal (H100, TFLOP/s against 64 x 64 / 4 / 3): head dim 128 with 128 x 128 / 8 / 3 at
+# 4096 queries 482 vs 465 (GQA 500 vs 470), 8192 515 vs 489, 16384 564 vs 524, but 2048 412 vs 432; head dim 64
+# with 64 x 128 / 4 / 3 at 8192 405 vs 394, 16384 440 vs 417, 4096 382 vs 384.
 TMA_TILES = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3)},
+    "fwd_long": {64: (64, 128, 4, 3), 128: (128, 128, 8, 3)},
     "dq": {64: (64, 64, 4, 3), 128: (128, 64, 8, 3)},
     "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
 }
+LONG_QUERIES = {64: 8192, 128: 4096}
+
+
+@triton.jit
+def _head_base(T, b, h, stride_b, stride_h, TMA: tl.constexpr):
+    """Where one (batch, head)'s rows are read: with TMA the tensor descriptor itself (indexed by [batch, head, row,
+    0] at each load), otherwise a pointer to the head's first row."""
+    return T if TMA else T + b * stride_b + h * stride_h
 
 
 @triton.jit
@@ -167,13 +180,14 @@ def _attn_fwd_blocks(
     return acc, m_i, l_i
 
 
-def _autotune(for_head_dim_up_to_128, for_head_dim_256, tma_tiles):
+def _autotune(for_head_dim_up_to_128, for_head_dim_256, tma_tiles, long_tma_tiles=None):
     """``triton.autotune`` over (BLOCK_M, BLOCK_N, warps, stages) shapes: one list for head dims up to 128, one
     for larger ones (whose tiles must be smaller to fit shared memory). Autotuning happens on the first call per
     key: head dim, dtype and which masks apply; not the lengths, so that training and generation with ever-new
     lengths do not recompile and retune (each new key compiles every config: seconds per kernel).
     ``ACCEL_PATCH_AUTOTUNE=0`` keeps only the first shape of each list: one compile per key, no tuning. With TMA,
-    the one tile of ``tma_tiles`` for the head dim (the host built its descriptors for it)."""
+    the one tile of ``tma_tiles`` for the head dim (the host built its descriptors for it), or of ``long_tma_tiles``
+    where the kernel's ``LONG_SEQ`` is set."""
 
     def config(shape):
         block_m, block_n, warps, stages = shape
@@ -184,12 +198,17 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256, tma_tiles):
     small, large = set(tile_choices(for_head_dim_up_to_128)), set(tile_choices(for_head_dim_256))
 
     def by_head_dim(configs, named_args, **kwargs):
-        wanted = {tma_tiles[kwargs["HEAD_DIM"]]} if kwargs["TMA"] else large if kwargs["BLOCK_D"] > 128 else small
+        if kwargs["TMA"]:
+            wanted = {(long_tma_tiles if kwargs.get("LONG_SEQ") else tma_tiles)[kwargs["HEAD_DIM"]]}
+        else:
+            wanted = large if kwargs["BLOCK_D"] > 128 else small
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
 
+    tma_shapes = set(tma_tiles.values()) | set((long_tma_tiles or {}).values())
     return triton.autotune(
-        configs=[config(shape) for shape in sorted(small | large | set(tma_tiles.values()))],
-        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "WHOLE_TILES", "TMA"],
+        configs=[config(shape) for shape in sorted(small | large | tma_shapes)],
+        key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_MASK", "HAS_KPM", "WHOLE_TILES", "TMA"]
+        + (["LONG_SEQ"] if long_tma_tiles else []),
         prune_configs_by={"early_config_prune": by_head_dim},
     )
 
@@ -199,6 +218,7 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256, tma_tiles):
     ((64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)),  # first: last session's hand-tuned best
     ((64, 32, 8, 2), (32, 32, 4, 2)),
     TMA_TILES["fwd"],
+    TMA_TILES["fwd_long"],
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -208,9 +228,10 @@ def _attn_fwd_kernel(
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, LONG_SEQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # Causal query blocks near the end see the most keys: launch them first so the tail of the grid is short.
+    # LONG_SEQ only picks the tile (TMA_TILES["fwd_long"]). Causal query blocks near the end see the most keys:
+    # launch them first so the tail of the grid is short.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b = tl.program_id(1) // n_q_heads
     h = tl.program_id(1) % n_q_heads
@@ -220,12 +241,10 @@ def _attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     if TMA:  # Q, K, V: descriptors over [batch, heads, seq, head_dim]; OUT over [batch, seq, heads, head_dim]
         q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        k_base = K
-        v_base = V
     else:
         q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
-        k_base = K + b * sk_b + kv_h * sk_h
-        v_base = V + b * sv_b + kv_h * sv_h
+    k_base = _head_base(K, b, kv_h, sk_b, sk_h, TMA)
+    v_base = _head_base(V, b, kv_h, sv_b, sv_h, TMA)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -357,12 +376,8 @@ def _attn_bwd_dkdv_kernel(
                                           IS_CAUSAL, HAS_WINDOW)
     for g in range(0, group):
         h = kv_h * group + g
-        if TMA:
-            q_base = Q
-            do_base = DO
-        else:
-            q_base = Q + b * sq_b + h * sq_h
-            do_base = DO + b * sdo_b + h * sdo_h
+        q_base = _head_base(Q, b, h, sq_b, sq_h, TMA)
+        do_base = _head_base(DO, b, h, sdo_b, sdo_h, TMA)
         row_base = (b * n_q_heads + h) * seq_q
         # the causal diagonal, the whole blocks, the window's edge and the ragged tail (none with whole tiles)
         for stage in tl.static_range(2 if WHOLE_TILES and not HAS_WINDOW else 3):
@@ -444,12 +459,8 @@ def _attn_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + row_base + offs_m, delta, mask=m_ok)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if TMA:
-        k_base = K
-        v_base = V
-    else:
-        k_base = K + b * sk_b + kv_h * sk_h
-        v_base = V + b * sv_b + kv_h * sv_h
+    k_base = _head_base(K, b, kv_h, sk_b, sk_h, TMA)
+    v_base = _head_base(V, b, kv_h, sv_b, sv_h, TMA)
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
@@ -603,9 +614,10 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     if out.numel():
         tma = _tma_ready(q, k, v, out)
+        long_seq = tma and seq_q >= LONG_QUERIES[head_dim]
         q_, k_, v_, out_ = q, k, v, out
         if tma:  # q, k, v [batch, heads, seq, head_dim], out [batch, seq, heads, head_dim]
-            block_m, block_n = TMA_TILES["fwd"][head_dim][:2]
+            block_m, block_n = TMA_TILES["fwd_long" if long_seq else "fwd"][head_dim][:2]
             q_ = _descriptor(q, [1, 1, block_m, head_dim])
             k_, v_ = _descriptor(k, [1, 1, block_n, head_dim]), _descriptor(v, [1, 1, block_n, head_dim])
             out_ = _descriptor(out, [1, block_m, 1, head_dim])
@@ -615,7 +627,7 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             sm_b, sm_q, sm_k, skpm_b,
             n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TMA=tma,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TMA=tma, LONG_SEQ=long_seq,
             **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
         )  # fmt: skip
     return out, lse

@@ -157,6 +157,32 @@ def test_kernels_copy_tiles_with_tma_where_the_copy_engine_can():
             assert rel_err(ours.grad.cpu(), ref.grad) < 2 * TOL[torch.bfloat16], f"d{name}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_long_query_sequences_take_the_larger_forward_tile(head_dim):
+    kernels = importlib.import_module("accel_patch.kernels.attention")
+    seq = kernels.LONG_QUERIES[head_dim] + 40  # ragged last tiles
+    q = torch.randn(1, 2, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    # a float32 reference (float64 at 8k x 8k scores would crowd the GPU that parallel tests share)
+    leaves32 = [t.float().requires_grad_() for t in (q, k, v)]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()[None]
+    expected = attention64(*leaves32, causal, head_dim**-0.5)
+    dout = torch.randn_like(expected)
+    (expected * dout).sum().backward()
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves)
+    assert rel_err(out, expected) < TOL[torch.bfloat16]
+    (out.float() * dout).sum().backward()
+    for name, ours, ref in zip("qkv", leaves, leaves32, strict=True):
+        assert rel_err(ours.grad, ref.grad) < 2 * TOL[torch.bfloat16], f"d{name}"
+    del expected, leaves32
+    torch.cuda.empty_cache()
+    tuned = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+             for c in kernels._attn_fwd_kernel.cache.values()}  # fmt: skip
+    assert not kernels._tma_ready(q, k, v) or kernels.TMA_TILES["fwd_long"][head_dim] in tuned
+
+
 def test_attention_bad_inputs():
     q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="not a multiple"):
