@@ -16,7 +16,7 @@ from accel_patch import Int8Linear
 from common import copy_bandwidth, graph_ms, has, median_ms, write_table
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (in, out)
-TOKENS = [1, 16, 128, 1024, 2048, 8192]
+TOKENS = [1, 16, 64, 128, 512, 1024, 2048, 8192]
 
 
 def _baselines(linear: torch.nn.Linear) -> tuple[dict, list[str]]:
@@ -45,6 +45,8 @@ def _baselines(linear: torch.nn.Linear) -> tuple[dict, list[str]]:
             impls["bitsandbytes 8bit"] = lin8.cuda()
         except Exception as error:
             notes.append(f"bitsandbytes: {type(error).__name__}: {str(error).splitlines()[0]}")
+    notes += [f"{module} is not installed here: no rows for it" for module in ("torchao", "bitsandbytes")
+              if not has(module)]  # fmt: skip
     return impls, notes
 
 
@@ -54,7 +56,7 @@ def main() -> None:
     for k, n in SHAPES:
         linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         impls, impl_notes = _baselines(linear)
-        notes += impl_notes
+        notes += [note for note in impl_notes if note not in notes]  # the same per shape: once
         int8_bytes = n * k + 4 * n
         for m in TOKENS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

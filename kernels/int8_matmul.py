@@ -78,13 +78,16 @@ def _tiled_configs():
 @triton.jit
 def _w8a16_tiled_kernel(
     A, B, SCALE, BIAS, C,
-    M, N, K, m_bucket, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    M, N, K, m_bucket, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr = 8,
 ):
     """C[M, N] = A[M, K] @ dequant(B[K, N]), computed as its transpose ``dequant(B)^T @ A^T``: the int8 tile,
     converted in registers, is the left operand, which Hopper's wgmma reads from registers; a converted right
-    operand would first be written back to shared memory. SCALE indexes N (forward) or, if not SCALE_OUT, K."""
+    operand would first be written back to shared memory. SCALE indexes N (forward) or, if not SCALE_OUT, K.
+    Program (i, s) covers K in [s * k_per_split, (s + 1) * k_per_split); with several splits C is a float32
+    [splits, M, N] buffer of partial sums, as in the decode kernel (m_bucket, the rows' power of two, keys the
+    autotuning and the split count)."""
     # grouped order: GROUP_N weight-row blocks share each activation block while both sit in L2
     pid = tl.program_id(0)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -95,22 +98,24 @@ def _w8a16_tiled_kernel(
     offs_n = (first_n + pid % group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = (pid % (GROUP_N * blocks_m)) // group_size * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
         w = tl.load(B + offs_n[:, None] * stride_bn + ks[None, :] * stride_bk,
-                    mask=(offs_n < N)[:, None] & (ks < K)[None, :], other=0)
+                    mask=(offs_n < N)[:, None] & (ks < k_end)[None, :], other=0)
         a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=(offs_m < M)[:, None] & (ks < K)[None, :], other=0.0)
+                    mask=(offs_m < M)[:, None] & (ks < k_end)[None, :], other=0.0)
         if not SCALE_OUT:  # the scale runs along the reduction: fold it into A's columns
-            a = (a.to(tl.float32) * tl.load(SCALE + ks, mask=ks < K, other=0.0)[None, :]).to(A.dtype.element_ty)
+            a = (a.to(tl.float32) * tl.load(SCALE + ks, mask=ks < k_end, other=0.0)[None, :]).to(A.dtype.element_ty)
         acc += tl.dot(w.to(A.dtype.element_ty), tl.trans(a), input_precision=DOT_PRECISION)
     if SCALE_OUT:
         acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    tl.store(C + offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn, acc.to(C.dtype.element_ty),
-             mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+    tl.store(C + tl.program_id(1) * stride_cs + offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn,
+             acc.to(C.dtype.element_ty), mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
 
 
 @cached_launch
@@ -247,13 +252,33 @@ def _dequantize_triton(weight_int8: torch.Tensor, scale: torch.Tensor, dtype: to
 
 
 SUM_BLOCK = 1024
-DECODE_ROWS = 16  # up to this many rows the GEMM is memory-bound: small tiles and split-K
+# Up to this many rows: small tiles and split-K, which spread the weight read over the whole GPU. At 32 and 64
+# rows this beat the tiled kernel (H100, LLaMA-3-8B shapes: 17.7-56.7 against 32.8-101 µs at 32 rows), whose
+# few programs each walked all of K; at 128 it lost on the wide shapes.
+DECODE_ROWS = 64
 DEQUANT_ROWS = 1024  # from this many rows on: dequantize, then cuBLAS (see the module's docstring)
 
 
 @functools.cache
 def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _tiled_splits(m_bucket: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(splits, K per split) of the tiled kernel. Only when its largest tiles (128 x 128) fill at most half the SMs
+    is K split: until they cover the GPU twice, keeping >= 4 of its largest K blocks (128) per split (the CPU
+    interpreter: 8 pretend SMs, its 32-wide blocks, >= 2 per split). H100, 128 rows: 14336 -> 4096 (32 tiles)
+    103.7 -> 69.9 µs, 4096 -> 1024 33.2 -> 15.8; but 4096 -> 14336 (112 tiles) 53.4 -> 69.3, so it stays whole."""
+    on_gpu = device.type == "cuda"
+    unit = 128 if on_gpu else 32  # a multiple of every BLOCK_K
+    tiles = triton.cdiv(m_bucket, 128) * triton.cdiv(n, 128)
+    sms = _sm_count(device.index) if on_gpu else 8
+    if 2 * tiles > sms:  # the partial sums' extra traffic would cost more than the idle SMs
+        return 1, k
+    splits = max(1, min(triton.cdiv(2 * sms, tiles), k // ((4 if on_gpu else 2) * unit)))
+    k_per_split = max(triton.cdiv(triton.cdiv(k, splits), unit), 1) * unit
+    return max(triton.cdiv(k, k_per_split), 1), k_per_split
 
 
 @functools.cache  # on every decode step's path
@@ -281,14 +306,16 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
         return F.linear(a, weight, None if bias is None else bias.to(a.dtype)) if scale_out else a @ weight
     flags = dict(SCALE_OUT=scale_out, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
     if m > DECODE_ROWS:
-        c = a.new_empty((m, n))
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        m_bucket = min(triton.next_power_of_2(m), 8192)
+        splits, k_per_split = _tiled_splits(m_bucket, n, k, a.device)
+        c = a.new_empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         _w8a16_tiled_kernel[grid](
             a, b_int8, scale, bias if bias is not None else scale, c,
-            m, n, k, min(triton.next_power_of_2(m), 8192), a.stride(0), a.stride(1), *b_strides, c.stride(0),
-            c.stride(1), HAS_BIAS=bias is not None, **flags,
+            m, n, k, m_bucket, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
+            c.stride(2), HAS_BIAS=bias is not None and splits == 1, **flags,
         )  # fmt: skip
-        return c
+        return _sum_splits(c, bias, a.dtype)
     grid, k_per_split, constants = _decode_launch(m, n, k, a.device)
     splits = grid[2]
     c = a.new_empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype)
@@ -297,9 +324,15 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
         m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1), c.stride(2),
         HAS_BIAS=bias is not None and splits == 1, **constants, **flags,
     )  # fmt: skip
+    return _sum_splits(c, bias, a.dtype)
+
+
+def _sum_splits(c: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The split-K kernels' result from their ``[splits, M, N]`` output (one split: already final)."""
+    splits, m, n = c.shape
     if splits == 1:
         return c[0]
-    out = a.new_empty((m, n))
+    out = c.new_empty((m, n), dtype=dtype)
     _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](c, bias if bias is not None else c, out, splits, m * n, n,
                                                          HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)  # fmt: skip
     return out

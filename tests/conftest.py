@@ -1,5 +1,7 @@
+import gc
 import os
 
+import pytest
 import torch
 
 # Autotuning compiles every config for each new (head dim, masks) key, which the many GPU test cases would
@@ -15,3 +17,13 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if item not in deselected]
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory(request):
+    """Parallel test workers share one GPU: after each GPU test its worker hands back the blocks its caching allocator
+    kept, so that one worker's finished large test does not leave the next large test elsewhere out of memory."""
+    yield
+    if "gpu" in request.keywords:
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -162,9 +162,8 @@ def test_kernels_copy_tiles_with_tma_where_the_copy_engine_can():
 def test_long_query_sequences_take_the_larger_forward_tile(head_dim):
     kernels = importlib.import_module("accel_patch.kernels.attention")
     seq = kernels.LONG_QUERIES[head_dim] + 40  # ragged last tiles
-    q = torch.randn(1, 2, seq, head_dim, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(1, 1, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    # a float32 reference (float64 at 8k x 8k scores would crowd the GPU that parallel tests share)
+    q, k, v = (torch.randn(1, 1, seq, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    # one head and a float32 reference: 8k x 8k scores in float64 crowded the GPU that parallel tests share
     leaves32 = [t.float().requires_grad_() for t in (q, k, v)]
     causal = torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()[None]
     expected = attention64(*leaves32, causal, head_dim**-0.5)

@@ -12,15 +12,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import accel_patch
 from accel_patch import Int8Linear, force_backend, patch_model, quantize_model
 from accel_patch.kernels import int8_linear, quantize_per_channel
-from accel_patch.kernels.int8_matmul import DEQUANT_ROWS
+from accel_patch.kernels.int8_matmul import DECODE_ROWS, DEQUANT_ROWS
 
 from helpers import TOL, backends_for, loss_curve, rel_err
 
 CASES = [("cpu", dt, be) for dt in (torch.float32, torch.float16) for be in backends_for("cpu")]
 CASES += [pytest.param("cuda", torch.bfloat16, "triton", marks=pytest.mark.gpu)]
-SHAPES = {  # (M, K, N): odd K and N, one row, a few rows, a tile's worth, enough rows to dequantize first
-    "cpu": [(1, 77, 45), (7, 64, 33), (64, 50, 96), (DEQUANT_ROWS + 6, 40, 24)],
-    "cuda": [(1, 4096, 14336), (16, 4096, 4096), (128, 14336, 4096), (2048, 4096, 1024), (5, 4099, 333)],
+# (M, K, N): odd K and N; one row, a few rows (split-K), a tile's worth (split-K along a ragged K both ways), enough
+# rows to dequantize first
+SHAPES = {
+    "cpu": [(1, 77, 45), (7, 64, 33), (DECODE_ROWS + 16, 301, 199), (DEQUANT_ROWS + 6, 40, 24)],
+    "cuda": [(1, 4096, 14336), (16, 4096, 4096), (64, 4096, 1024), (128, 14336, 4096), (2048, 4096, 1024),
+             (5, 4099, 333)],
 }
 
 
