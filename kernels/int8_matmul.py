@@ -254,10 +254,10 @@ def _dequantize_triton(weight_int8: torch.Tensor, scale: torch.Tensor, dtype: to
 
 
 SUM_BLOCK = 1024
-# Up to this many rows: small tiles and split-K, which spread the weight read over the whole GPU. At 32 and 64
-# rows this matched or beat the tiled kernel without its K split (H100, LLaMA-3-8B shapes: 13.0-38.7 against
-# 32.8-100.5 µs at 32 rows, 13.4-56.7 against 32.9-101.0 at 64), whose few programs each walked all of K; at 128
-# it lost on the wide shapes (104.6 against 53.6 µs at 4096 -> 14336).
+# Up to this many rows: small tiles and split-K, which spread the weight read over the whole GPU. Against the
+# tiled kernel without its K split (H100, LLaMA-3-8B shapes): 13.0-38.7 against 32.8-100.5 µs at 32 rows; at 64,
+# 13.4-56.7 against 32.9-101.0, ahead on three shapes and 6% behind on 4096 -> 14336; at 128 well behind on
+# the wide shapes (104.6 against 53.6 µs at 4096 -> 14336).
 DECODE_ROWS = 64
 DEQUANT_ROWS = 1024  # from this many rows on: dequantize, then cuBLAS (see the module's docstring)
 
