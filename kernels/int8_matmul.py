@@ -279,8 +279,14 @@ def _tiled_splits(m_bucket: int, n: int, k: int, device: torch.device) -> tuple[
     sms = _sm_count(device.index) if on_gpu else 8
     if 2 * tiles > sms:  # the partial sums' extra traffic would cost more than the idle SMs
         return 1, k
-    splits = max(1, min(triton.cdiv(2 * sms, tiles), k // ((4 if on_gpu else 2) * unit)))
-    k_per_split = max(triton.cdiv(triton.cdiv(k, splits), unit), 1) * unit
+    return _split_k(k, tiles, 2 * sms, unit, 4 if on_gpu else 2)
+
+
+def _split_k(k: int, programs: int, target: int, block_k: int, min_blocks: int) -> tuple[int, int]:
+    """(splits, K per split) for a split-K launch: K split until ``programs`` x splits reach ``target``, each split a
+    multiple of ``block_k`` holding >= ``min_blocks`` of them (K = 0: one split, of zeros)."""
+    splits = max(1, min(triton.cdiv(target, programs), k // (min_blocks * block_k)))
+    k_per_split = max(triton.cdiv(triton.cdiv(k, splits), block_k), 1) * block_k
     return max(triton.cdiv(k, k_per_split), 1), k_per_split
 
 
@@ -293,10 +299,9 @@ def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[
     grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     # on the CPU interpreter, 8 still splits the test shapes several ways
     target = 2 * _sm_count(device.index) if on_gpu else 8
-    splits = max(1, min(triton.cdiv(target, grid_mn[0] * grid_mn[1]), k // ((2 if on_gpu else 1) * block_k)))
-    k_per_split = max(triton.cdiv(triton.cdiv(k, splits), block_k), 1) * block_k
+    splits, k_per_split = _split_k(k, grid_mn[0] * grid_mn[1], target, block_k, 2 if on_gpu else 1)
     constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}
-    return (*grid_mn, max(triton.cdiv(k, k_per_split), 1)), k_per_split, constants  # K = 0: one split of zeros
+    return (*grid_mn, splits), k_per_split, constants
 
 
 def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, scale_out: bool, n: int,

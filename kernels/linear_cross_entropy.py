@@ -171,7 +171,10 @@ _linear_cross_entropy = differentiable(_forward_op, _forward, _setup_context, _b
 
 def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100) -> None:
     """Refuse a label outside ``[0, vocab_size)`` that is not ``ignore_index`` (it would index past the logits).
-    Reading the answer waits for the GPU to reach this point (a host sync)."""
+    Reading the answer waits for the GPU to reach this point (a host sync); under ``torch.compile`` tracing there
+    is no answer to read, and the check is skipped."""
+    if torch.compiler.is_compiling():
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         raise ValueError(f"labels hold {int(labels[bad][0])}, outside [0, {vocab_size}) and not "
@@ -203,7 +206,7 @@ def linear_cross_entropy(
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
     check_same_device(hidden=hidden, weight=weight, labels=labels)
     labels = labels.reshape(-1).to(torch.int64)
-    if not labels_checked and not torch.compiler.is_compiling():
+    if not labels_checked:
         check_labels(labels, weight.shape[0], ignore_index)
     if num_items is not None and not isinstance(num_items, torch.Tensor):
         num_items = torch.tensor(float(num_items))

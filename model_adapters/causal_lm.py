@@ -40,8 +40,7 @@ def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: 
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     # Checked before the forward is queued, beside HF's own sync in its mask preamble; after it, the check would
     # hold the host until the GPU had run the whole forward, and the loss's first kernels would wait for the host.
-    if not torch.compiler.is_compiling():
-        check_labels(shift_labels, head.weight.shape[0], IGNORE_INDEX)
+    check_labels(shift_labels, head.weight.shape[0], IGNORE_INDEX)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs.last_hidden_state
     loss = linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), ignore_index=IGNORE_INDEX,
