@@ -22,7 +22,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _release_gpu_memory(request):
     """Parallel test workers share one GPU: after each GPU test its worker hands back the blocks its caching allocator
-    kept, so that one worker's finished large test does not leave the next large test elsewhere out of memory."""
+    kept, so that a finished large test's cache does not count against large tests in other workers. It cannot help
+    when several large tests run at once: at ``-n 4`` the suite still ran out of memory in some runs (``-n 2`` did
+    not)."""
     yield
     if "gpu" in request.keywords:
         gc.collect()
