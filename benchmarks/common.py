@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,6 +46,38 @@ def graph_ms(step: Callable[[], None], leaves: list[torch.Tensor]) -> float:
     with torch.cuda.graph(graph):
         step()
     return median_ms(graph.replay)
+
+
+def stream_ms(calls: list[Callable[[], object]], replays: int = 50) -> float:
+    """Median device time per call of a CUDA graph running ``calls`` back to back, as a decode step runs its
+    layers: each call on its own weights, which the caller makes several times the L2 cache in all, so that every
+    call reads them from memory. No L2 flush in between: ``median_ms`` zero-fills 256 MB before each run, and
+    writing back the dirty lines that leaves in L2 costs a memory-bound kernel up to twice its own traffic."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and autotune outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(3):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events) / len(calls)
+
+
+def copies_beyond_l2(nbytes: int, times_l2: int = 4) -> int:
+    """How many copies of ``nbytes`` of weights make ``times_l2`` times the GPU's L2 cache (at least 2)."""
+    l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(2, -(-times_l2 * l2_bytes // nbytes))
 
 
 def copy_bandwidth() -> float:

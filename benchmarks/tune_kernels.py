@@ -6,13 +6,14 @@ Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 
 import torch
 import triton
 
-from common import copy_bandwidth, graph_ms, median_ms
+from common import copies_beyond_l2, copy_bandwidth, median_ms, stream_ms
 
 # the package exports functions of the same names, so fetch the modules themselves
 rms_norm_module = importlib.import_module("accel_patch.kernels.rms_norm")
@@ -73,19 +74,22 @@ def tune_swiglu() -> None:
 
 
 def tune_gemv() -> None:
-    """The INT8 one-row (batch-1 decode) kernel at LLaMA-3-8B shapes, device time of CUDA-graph replays."""
+    """The INT8 one-row (batch-1 decode) kernel at LLaMA-3-8B shapes, device time per call in a stream of layers
+    (``common.stream_ms``: weights beyond the L2 cache, as in a decode step)."""
     copy_bw = copy_bandwidth()
     print(f"W8A16 one row: (in, out), BLOCK_N, BLOCK_K, warps, stages -> int8 weight GB/s (copy {copy_bw / 1e9:.0f})")
     for k, n in ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)):
-        w, scale = int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
+        layers = [int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
+                  for _ in range(copies_beyond_l2(n * k))]  # fmt: skip
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         print(f"  {k}->{n}: default {int8_module._gemv_blocks(n, k, x.device)}")
         for launch in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048, 4096), (4, 8), (1, 2, 3, 4)):
             if not 2048 <= launch[0] * launch[1] <= 32768:
                 continue
-            run = lambda c=launch: int8_module._gemv_triton(x, w, scale, None, n, (1, k), c)  # noqa: B023, E731
+            calls = [functools.partial(int8_module._gemv_triton, x, w, scale, None, n, (1, k), launch)
+                     for w, scale in layers]  # fmt: skip
             try:
-                rate = n * k / (graph_ms(run, []) * 1e-3)
+                rate = n * k / (stream_ms(calls) * 1e-3)
             except Exception as error:  # out of resources at this config
                 print(f"    {launch}: failed {type(error).__name__}")
                 continue
