@@ -4,8 +4,8 @@ Small M (decode) is memory-bound: reported as GB/s of weight bytes read and the 
 Large M is compute-bound: TFLOP/s and the ratio to cuBLAS bf16. The rates come from a CUDA graph that runs the
 Linear on several copies of its weights back to back, as a decode step runs its layers (device time only, every
 call reading its weights from memory: ``common.stream_ms``). Beside it: one graph replay after do_bench's L2
-flush (the earlier method, which charges a memory-bound call the write-back of the flush's dirty lines) and the
-eager time per call, host included. Run on a CUDA GPU.
+flush (the earlier method, which also charges a memory-bound call the write-back of the flush's dirty lines and
+the graph's launch) and the eager time per call, host included. Run on a CUDA GPU.
 """
 
 from __future__ import annotations
