@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import accel_patch
 
-from common import has, write_table
+from common import device_gaps, has, write_table
 
 NEW_TOKENS = 64
 
@@ -49,6 +49,17 @@ def _decode_tokens_per_s(model, batch: int) -> float:
     return batch * NEW_TOKENS / (time.perf_counter() - start)
 
 
+def _gpu_busy(model) -> float:
+    """The fraction of a batch-1 decode during which the GPU runs anything (torch.profiler's CUDA activity over the
+    span from its first to its last): the rest it waits for the host's launches."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as trace:
+        model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        torch.cuda.synchronize()
+    span, gaps = device_gaps(trace)
+    return 1 - sum(gap for gap, _, _ in gaps) / span
+
+
 def main() -> None:
     config = AutoConfig.for_model(
         "llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -71,15 +82,19 @@ def main() -> None:
                 peak = torch.cuda.max_memory_allocated() - base
                 with torch.no_grad():
                     rates = [_decode_tokens_per_s(model, batch) for batch in (1, 16)]
+                    busy = _gpu_busy(model)
                 rows.append([name, f"{held / 1e9:.2f}", f"{peak / 1e9:.2f}", f"{load_s:.1f}",
-                             f"{rates[0]:.1f}", f"{rates[1]:.0f}"])  # fmt: skip
+                             f"{rates[0]:.1f}", f"{busy:.0%}", f"{rates[1]:.0f}"])  # fmt: skip
                 del model
                 torch.cuda.empty_cache()
             except Exception as error:  # a baseline whose API moved between releases: record it, measure the rest
                 notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
     notes.append(f"greedy decode of {NEW_TOKENS} new tokens after a 32-token prompt, HF generate, dynamic cache")
+    notes.append("GPU busy: the share of a batch-1 decode (16 tokens, under torch.profiler) in which the GPU runs "
+                 "any kernel or copy; the rest of the time it waits for the host to launch the next one")  # fmt: skip
     write_table("int8-e2e", "INT8 end to end, LLaMA-3.2-1B config (random weights), bf16 activations",
-                ["model", "weights GB", "load peak GB", "load s", "batch 1 tok/s", "batch 16 tok/s"], rows, notes)
+                ["model", "weights GB", "load peak GB", "load s", "batch 1 tok/s", "b1 GPU busy", "batch 16 tok/s"],
+                rows, notes)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -96,15 +96,9 @@ def profile(config_name: str, variant: str, tiny: bool) -> None:
 
 def print_device_idle(trace: torch.profiler.profile, top: int = 12) -> None:
     """Where the GPU waited for the host: the gaps between one kernel's end and the next one's start."""
-    kernels = sorted((e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA),
-                     key=lambda e: e.time_range.start)  # fmt: skip
-    busy_until, last_name, gaps = kernels[0].time_range.end, kernels[0].name, []
-    for event in kernels[1:]:
-        if event.time_range.start > busy_until:
-            gaps.append((event.time_range.start - busy_until, last_name, event.name))
-        if event.time_range.end > busy_until:
-            busy_until, last_name = event.time_range.end, event.name
-    span = kernels[-1].time_range.end - kernels[0].time_range.start
+    from common import device_gaps
+
+    span, gaps = device_gaps(trace)
     idle = sum(gap for gap, _, _ in gaps)
     print(f"device busy span {span / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in {len(gaps)} gaps; the largest:")
     for gap, before, after in sorted(gaps, reverse=True)[:top]:

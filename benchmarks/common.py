@@ -81,6 +81,20 @@ def copies_beyond_l2(nbytes: int, times_l2: int = 4) -> int:
     return max(2, -(-times_l2 * l2_bytes // nbytes))
 
 
+def device_gaps(trace: torch.profiler.profile) -> tuple[float, list[tuple[float, str, str]]]:
+    """From a profiler trace: the µs from the first CUDA activity's start to the last one's end, and each stretch
+    in between where the GPU ran nothing (it waited for the host) as ``(µs, activity before, activity after)``."""
+    kernels = sorted((e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)  # fmt: skip
+    busy_until, last_name, gaps = kernels[0].time_range.end, kernels[0].name, []
+    for event in kernels[1:]:
+        if event.time_range.start > busy_until:
+            gaps.append((event.time_range.start - busy_until, last_name, event.name))
+        if event.time_range.end > busy_until:
+            busy_until, last_name = event.time_range.end, event.name
+    return busy_until - kernels[0].time_range.start, gaps
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
     src = torch.randn(512 * 2**20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
