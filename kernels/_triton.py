@@ -8,7 +8,6 @@ back to its PyTorch reference (``_backend.choose`` never picks Triton then, so n
 from __future__ import annotations
 
 import functools
-import math
 import os
 from types import SimpleNamespace
 
@@ -26,18 +25,25 @@ except ImportError:
         # Keep the Python function: it is never launched, but the module that defines it imports.
         return fn if fn is not None else (lambda f: f)
 
-    triton = SimpleNamespace(
-        jit=_jit,
-        autotune=lambda **_options: _jit,
-        Config=lambda *args, **kwargs: None,
-        cdiv=lambda a, b: -(-a // b),
-        next_power_of_2=lambda n: 1 << max(0, math.ceil(math.log2(n))),
-    )
+    triton = SimpleNamespace(jit=_jit, autotune=lambda **_options: _jit, Config=lambda *args, **kwargs: None)
     tl = SimpleNamespace(constexpr=lambda value=None: value)  # wraps module-level constants kernels read
 try:  # host-side TMA descriptors (Triton 3.3 and later)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids and tile counts on the host. ``triton.cdiv`` gives the same, but it is a
+    constexpr function whose every Python call wraps and unwraps its arguments: ~2 us against ~0.03 us, dozens of
+    times per decoder layer."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2`` but a plain function (see
+    :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
 
 # The launch below calls Triton's compiled-kernel launcher directly, an internal interface: only on the
 # Triton releases it was checked against (on the H100: the cached-launch tests in tests/test_kernels.py), elsewhere
@@ -153,4 +159,4 @@ def cached_launch(kernel):
     return _CachedLaunch(kernel, direct)
 
 
-__all__ = ["TRITON_INSTALLED", "TensorDescriptor", "cached_launch", "tl", "triton"]
+__all__ = ["TRITON_INSTALLED", "TensorDescriptor", "cached_launch", "cdiv", "next_power_of_2", "tl", "triton"]

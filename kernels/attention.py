@@ -25,7 +25,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import TensorDescriptor, cached_launch, tl, triton
+from ._triton import TensorDescriptor, cached_launch, cdiv, next_power_of_2, tl, triton
 
 LOG2E = 1.4426950408889634
 # Each kernel's tile (BLOCK_M, BLOCK_N, warps, stages) by head dim where TMA copies its tiles (one tile: the host
@@ -621,13 +621,13 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
             q_ = _descriptor(q, [1, 1, block_m, head_dim])
             k_, v_ = _descriptor(k, [1, 1, block_n, head_dim]), _descriptor(v, [1, 1, block_n, head_dim])
             out_ = _descriptor(out, [1, block_m, 1, head_dim])
-        _attn_fwd_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
+        _attn_fwd_kernel[lambda meta: (cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
             q_, k_, v_, out_, lse, mask, kpm,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             sm_b, sm_q, sm_k, skpm_b,
             n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TMA=tma, LONG_SEQ=long_seq,
+            HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), TMA=tma, LONG_SEQ=long_seq,
             **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
         )  # fmt: skip
     return out, lse
@@ -640,7 +640,7 @@ def _decode_splits(batch_kv: int, seq_k: int, device: torch.device) -> int:
     """Enough key splits that batch x kv_heads x splits programs fill the GPU twice over."""
     # on the CPU interpreter, 16 still splits the test sequences several ways
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
-    return max(1, min(triton.cdiv(target, batch_kv), triton.cdiv(seq_k, DECODE_BLOCK_N)))
+    return max(1, min(cdiv(target, batch_kv), cdiv(seq_k, DECODE_BLOCK_N)))
 
 
 def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
@@ -649,8 +649,8 @@ def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
     n_kv, seq_k = k.shape[1], k.shape[2]
     group = n_q // n_kv
     splits = _decode_splits(batch * n_kv, seq_k, q.device)
-    keys_per_split = triton.cdiv(triton.cdiv(seq_k, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
-    splits = triton.cdiv(seq_k, keys_per_split)
+    keys_per_split = cdiv(cdiv(seq_k, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    splits = cdiv(seq_k, keys_per_split)
     part_out = torch.empty((batch, n_q, splits, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, n_q, splits), dtype=torch.float32, device=q.device)
     mask, (sm_b, _, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
@@ -659,16 +659,16 @@ def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
         q, k, v, part_out, part_lse, mask, kpm,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         sm_b, sm_k, skpm_b, n_kv, group, seq_k, window, keys_per_split, splits, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=DECODE_BLOCK_N,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
+        BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=DECODE_BLOCK_N,
         HAS_WINDOW=flags["HAS_WINDOW"], HAS_MASK=flags["HAS_MASK"], HAS_KPM=flags["HAS_KPM"],
         DOT_PRECISION=flags["DOT_PRECISION"], num_warps=4,
     )  # fmt: skip
     out = torch.empty((batch, 1, n_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, n_q, 1), dtype=torch.float32, device=q.device)
     _attn_decode_combine_kernel[(batch * n_q,)](
-        part_out, part_lse, out, lse, splits, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_S=max(16, triton.next_power_of_2(splits)), num_warps=4,
+        part_out, part_lse, out, lse, splits, HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
+        BLOCK_S=max(16, next_power_of_2(splits)), num_warps=4,
     )  # fmt: skip
     return out, lse
 
@@ -680,7 +680,7 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     common = dict(
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
         **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
     )
     if dout.numel() == 0:
@@ -693,7 +693,7 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
         k_, v_ = _descriptor(k, [1, 1, block_n, head_dim]), _descriptor(v, [1, 1, block_n, head_dim])
         block_m = TMA_TILES["dkdv"][head_dim][0]
         q_, dout_ = _descriptor(q, [1, 1, block_m, head_dim]), _descriptor(dout, [1, block_m, 1, head_dim])
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
+    _attn_bwd_dq_kernel[lambda meta: (cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
         q, k_, v_, out, dout, lse, delta, dq, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -701,7 +701,7 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
         dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
         n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, TMA=tma, **common,
     )  # fmt: skip
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv)](
+    _attn_bwd_dkdv_kernel[lambda meta: (cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv)](
         q_, k, v, dout_, lse, delta, dk, dv, mask, kpm,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),

@@ -31,7 +31,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import cached_launch, tl, triton
+from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 # int8 -> float32 by bit tricks, four values per 32-bit register, for the one-row kernel (the tensor-core
 # kernels convert to 16 bits, where Triton already does so without I2F). Triton's own int8 -> float32 is I2F,
@@ -192,9 +192,9 @@ def _gemv_blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return 4, 32
     block_n = 32
-    while block_n > 1 and triton.cdiv(n, block_n) < 2 * _sm_count(device.index):
+    while block_n > 1 and cdiv(n, block_n) < 2 * _sm_count(device.index):
         block_n //= 2
-    return block_n, min(8192 // block_n, max(256, triton.next_power_of_2(k)))
+    return block_n, min(8192 // block_n, max(256, next_power_of_2(k)))
 
 
 def _gemv_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, n: int, b_strides: tuple[int, int],
@@ -205,7 +205,7 @@ def _gemv_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bia
     k = a.shape[-1]
     block_n, block_k, warps, stages = launch or (*_gemv_blocks(n, k, a.device), 4, 3)
     c = a.new_empty((*a.shape[:-1], n))
-    _w8a16_gemv_kernel[(triton.cdiv(n, block_n),)](
+    _w8a16_gemv_kernel[(cdiv(n, block_n),)](
         a, b_int8, scale, bias if bias is not None else scale, c, n, k, *b_strides,
         HAS_BIAS=bias is not None, FAST=FAST_CONVERT, BLOCK_N=block_n, BLOCK_K=block_k, LOOP_STAGES=stages,
         num_warps=warps, num_stages=stages,
@@ -246,7 +246,7 @@ def _dequantize_triton(weight_int8: torch.Tensor, scale: torch.Tensor, dtype: to
     n, k = weight_int8.shape
     out = torch.empty((n, k), dtype=dtype, device=weight_int8.device)
     block_n, block_k = (32, 256) if weight_int8.is_cuda else (16, 32)  # the CPU interpreter: small tiles
-    _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+    _dequantize_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
         weight_int8, scale, out, n, k, weight_int8.stride(0), weight_int8.stride(1), FAST=FAST_CONVERT,
         BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
@@ -275,7 +275,7 @@ def _tiled_splits(m_bucket: int, n: int, k: int, device: torch.device) -> tuple[
     103.7 -> 69.9 µs, 4096 -> 1024 33.2 -> 15.8; but 4096 -> 14336 (112 tiles) 53.4 -> 69.3, so it stays whole."""
     on_gpu = device.type == "cuda"
     unit = 128 if on_gpu else 32  # a multiple of every BLOCK_K
-    tiles = triton.cdiv(m_bucket, 128) * triton.cdiv(n, 128)
+    tiles = cdiv(m_bucket, 128) * cdiv(n, 128)
     sms = _sm_count(device.index) if on_gpu else 8
     if 2 * tiles > sms:  # the partial sums' extra traffic would cost more than the idle SMs
         return 1, k
@@ -285,9 +285,9 @@ def _tiled_splits(m_bucket: int, n: int, k: int, device: torch.device) -> tuple[
 def _split_k(k: int, programs: int, target: int, block_k: int, min_blocks: int) -> tuple[int, int]:
     """(splits, K per split) for a split-K launch: K split until ``programs`` x splits reach ``target``, each split a
     multiple of ``block_k`` holding >= ``min_blocks`` of them (K = 0: one split, of zeros)."""
-    splits = max(1, min(triton.cdiv(target, programs), k // (min_blocks * block_k)))
-    k_per_split = max(triton.cdiv(triton.cdiv(k, splits), block_k), 1) * block_k
-    return max(triton.cdiv(k, k_per_split), 1), k_per_split
+    splits = max(1, min(cdiv(target, programs), k // (min_blocks * block_k)))
+    k_per_split = max(cdiv(cdiv(k, splits), block_k), 1) * block_k
+    return max(cdiv(k, k_per_split), 1), k_per_split
 
 
 @functools.cache  # on every decode step's path
@@ -302,7 +302,7 @@ def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[
     else:
         block_n, block_k, stages, per_sm = 32, 32, 1, 1
     block_m = 16
-    grid_mn = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid_mn = (cdiv(m, block_m), cdiv(n, block_n))
     # on the CPU interpreter, 8 still splits the test shapes several ways
     target = per_sm * _sm_count(device.index) if on_gpu else 8
     splits, k_per_split = _split_k(k, grid_mn[0] * grid_mn[1], target, block_k, 1)
@@ -320,10 +320,10 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
         return F.linear(a, weight, None if bias is None else bias.to(a.dtype)) if scale_out else a @ weight
     flags = dict(SCALE_OUT=scale_out, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
     if m > DECODE_ROWS:
-        m_bucket = min(triton.next_power_of_2(m), 8192)
+        m_bucket = min(next_power_of_2(m), 8192)
         splits, k_per_split = _tiled_splits(m_bucket, n, k, a.device)
         c = a.new_empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype)
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         _w8a16_tiled_kernel[grid](
             a, b_int8, scale, bias if bias is not None else scale, c,
             m, n, k, m_bucket, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
@@ -347,7 +347,7 @@ def _sum_splits(c: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) 
     if splits == 1:
         return c[0]
     out = c.new_empty((m, n), dtype=dtype)
-    _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](c, bias if bias is not None else c, out, splits, m * n, n,
+    _sum_splits_kernel[(cdiv(m * n, SUM_BLOCK),)](c, bias if bias is not None else c, out, splits, m * n, n,
                                                          HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)  # fmt: skip
     return out
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import autocast_cast, check_float, check_same_device, differentiable, use_triton
-from ._triton import cached_launch, tl, triton
+from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 MAX_BLOCK_V = 4096  # vocab columns per step of a row's loop
 
@@ -60,7 +60,7 @@ def _cross_entropy_rows_kernel(LOGITS, LABELS, ROW_LOSS, SCALE, stride_row, V, i
 
 def _cross_entropy_rows_triton(logits, labels, row_loss, scale, ignore_index: int, write_grad: bool) -> None:
     if logits.is_cuda:
-        launch = {"BLOCK_V": min(MAX_BLOCK_V, triton.next_power_of_2(logits.shape[1])), "num_warps": 8}
+        launch = {"BLOCK_V": min(MAX_BLOCK_V, next_power_of_2(logits.shape[1])), "num_warps": 8}
     else:  # the CPU interpreter: small blocks
         launch = {"BLOCK_V": 64, "num_warps": 4}
     _cross_entropy_rows_kernel[(logits.shape[0],)](logits, labels, row_loss, scale, logits.stride(0),
@@ -98,7 +98,7 @@ def scale_in_place(t: torch.Tensor, factor: torch.Tensor) -> None:
     ``mul_`` by a 0-dim CUDA tensor takes PyTorch's broadcasting path, which ran at about half of the copy bandwidth
     on the LM head's [vocab, hidden] gradient (0.7 ms of an H100 training step)."""
     if use_triton(t) and t.is_contiguous() and t.numel():
-        _scale_kernel[(triton.cdiv(t.numel(), SCALE_BLOCK),)](t, factor, t.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
+        _scale_kernel[(cdiv(t.numel(), SCALE_BLOCK),)](t, factor, t.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
         torch.autograd.graph.increment_version(t)  # as mul_ would: a second backward must see t was modified
     else:
         t.mul_(factor.to(t.dtype))

@@ -11,7 +11,7 @@ import functools
 import torch
 
 from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
-from ._triton import cached_launch, tl, triton
+from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 MAX_WIDTH = 65536  # one row is held in registers by one program
 
@@ -84,7 +84,7 @@ def _rms_norm_bwd_kernel(
 
 
 def _launch_config(n: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     return block, min(max(block // 256, 1), 16)
 
 
@@ -102,12 +102,12 @@ def _sm_count(device: torch.device) -> int:
 
 def _bwd_config(n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, programs) for the backward of m rows of width n."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_power_of_2(n)
     block_m = max(1, min(BWD_TILE_ELEMS // block_n, 16))
     warps = 8 if block_m * block_n >= 8192 else 4
     # the CPU interpreter runs programs one by one; a few exercise the split
     programs = _sm_count(device) * BWD_PROGRAMS_PER_SM if device.type == "cuda" else 4
-    return block_m, block_n, warps, max(min(programs, triton.cdiv(m, block_m)), 1)
+    return block_m, block_n, warps, max(min(programs, cdiv(m, block_m)), 1)
 
 
 def _fwd_triton(x, weight, residual, eps, out_dtype):
@@ -150,8 +150,8 @@ def _bwd_triton(dy, dh, x, weight, rstd, config=None):
     m = x2.shape[0]
     dx = x.new_empty((m, n))
     block_m, block_n, warps, programs = config or _bwd_config(n, m, x.device)
-    rows_per_program = triton.cdiv(triton.cdiv(m, programs), block_m) * block_m
-    programs = max(triton.cdiv(m, rows_per_program), 1)
+    rows_per_program = cdiv(cdiv(m, programs), block_m) * block_m
+    programs = max(cdiv(m, rows_per_program), 1)
     dw_partial = x.new_empty((programs, n), dtype=torch.float32)
     dh2 = as_rows(dh) if dh is not None else dy2
     if m > 0:

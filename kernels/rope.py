@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
-from ._triton import cached_launch, tl, triton
+from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 
 @triton.jit
@@ -83,11 +83,11 @@ def _rope_triton(q, k, cos, sin, backward, tile_elems=TILE_ELEMS):
     n_k = k.shape[1]
     half = head_dim // 2
     sc_b, sc_s = _trig_strides(cos)
-    block_half = triton.next_power_of_2(half)
-    block_q, block_k = triton.next_power_of_2(n_q), triton.next_power_of_2(n_k)
-    block_s = min(max(tile_elems // (block_q * block_half), 1), triton.next_power_of_2(max(seq, 1)))
+    block_half = next_power_of_2(half)
+    block_q, block_k = next_power_of_2(n_q), next_power_of_2(n_k)
+    block_s = min(max(tile_elems // (block_q * block_half), 1), next_power_of_2(max(seq, 1)))
     if batch * seq > 0:
-        _rope_kernel[(batch * triton.cdiv(seq, block_s),)](
+        _rope_kernel[(batch * cdiv(seq, block_s),)](
             q, k, q_out, k_out, cos, sin, *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
             sc_b, sc_s, seq, n_q, n_k,
             HALF=half, BLOCK_S=block_s, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_HALF=block_half,

@@ -24,7 +24,7 @@ from ._backend import (
     eager_or_compiled,
     use_triton,
 )
-from ._triton import cached_launch, tl, triton
+from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 # Columns per program and warps, from benchmarks/tune_kernels.py on an H100 at 16384 x 14336 bf16:
 # 8192 x 16 warps reached 99% of copy bandwidth forward and backward in row layout (1024 x 4 warps: 96%).
@@ -32,7 +32,7 @@ MAX_BLOCK = 8192
 
 
 def _launch_config(n: int) -> tuple[int, int]:
-    block = min(MAX_BLOCK, triton.next_power_of_2(n))
+    block = min(MAX_BLOCK, next_power_of_2(n))
     return block, min(16, max(4, block // 512))
 
 
@@ -89,7 +89,7 @@ def _swiglu_fwd_triton(gate, up, block=None, warps=None):
     m, n = g2.shape
     y = gate.new_empty((m, n))
     if y.numel():
-        _swiglu_fwd_kernel[(m, triton.cdiv(n, block))](
+        _swiglu_fwd_kernel[(m, cdiv(n, block))](
             g2, u2, y, g2.stride(0), u2.stride(0), y.stride(0), n, BLOCK=block, num_warps=warps
         )
     return y.view(gate.shape)
@@ -103,7 +103,7 @@ def _swiglu_bwd_triton(dy, gate, up, with_output=False, block=None, warps=None):
     du = up.new_empty((m, n))
     y = gate.new_empty((m, n) if with_output else (0, n))
     if dg.numel():
-        _swiglu_bwd_kernel[(m, triton.cdiv(n, block))](
+        _swiglu_bwd_kernel[(m, cdiv(n, block))](
             dy2, g2, u2, dg, du, y, dy2.stride(0), g2.stride(0), u2.stride(0), dg.stride(0), du.stride(0),
             y.stride(0), n, BLOCK=block, WRITE_Y=with_output, num_warps=warps,
         )  # fmt: skip
