@@ -121,17 +121,7 @@ def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
-    # queued: the same steps with no wait in between, as a training loop that does not read the loss every step
-    # runs them; the host then queues a step's forward while the GPU still runs the last backward
-    start = time.perf_counter()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        model.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    queued = batch * seq * steps / (time.perf_counter() - start)
-    return {"tokens_per_s": batch * seq / statistics.median(times[3:]), "queued_tokens_per_s": queued,
-            "peak_gb": peak}
+    return {"tokens_per_s": batch * seq / statistics.median(times[3:]), "peak_gb": peak}
 
 
 def main() -> None:
@@ -155,11 +145,7 @@ def main() -> None:
     shape = "2 x 32 (--tiny)" if args.tiny else "4 x 2048"
     peak = None if args.tiny else peak_bf16_tflops()
     notes = [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
-                       f"{args.steps} steps after 3 warm-up, each waited for (synchronised) before the next, "
-                       f"use_cache=False; each variant in its own process",
-                       f"queued: {args.steps} more steps queued back to back with one wait at the end, as a training "
-                       f"loop that does not read the loss every step runs (the host queues the next forward while the "
-                       f"GPU runs the last backward)",
+                       f"{args.steps} steps after 3 warm-up, use_cache=False; each variant in its own process",
                        f"MFU: model matmul FLOPs (6 x Linear and LM-head parameters + causal attention, per token) "
                        f"x tokens/s over the GPU's dense bf16 peak ({peak or 'unknown'} TFLOP/s)"]  # fmt: skip
     if not has("liger_kernel"):
@@ -176,19 +162,16 @@ def main() -> None:
                 print(notes[-1], flush=True)
                 continue
             result = json.loads(child.stdout.strip().splitlines()[-1])
-            baseline = baseline or result
+            baseline = baseline or result["tokens_per_s"]
             flops = model_flops_per_token(config_name, args.tiny, 32 if args.tiny else 2048) * result["tokens_per_s"]
-            synced, queued = result["tokens_per_s"], result["queued_tokens_per_s"]
-            rows.append([config_name, variant, f"{synced / 1e3:.1f}k", f"{synced / baseline['tokens_per_s']:.2f}x",
-                         f"{flops / 1e12:.0f}", f"{flops / 1e12 / peak:.0%}" if peak else "n/a",
-                         f"{result['peak_gb']:.1f}", f"{queued / 1e3:.1f}k",
-                         f"{queued / baseline['queued_tokens_per_s']:.2f}x"])  # fmt: skip
+            rows.append([config_name, variant, f"{result['tokens_per_s'] / 1e3:.1f}k",
+                         f"{result['tokens_per_s'] / baseline:.2f}x", f"{flops / 1e12:.0f}",
+                         f"{flops / 1e12 / peak:.0%}" if peak else "n/a", f"{result['peak_gb']:.1f}"])  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)  # as it comes: a long run cut short still reports
         if args.tiny:  # a check of the script, not a measurement: nothing goes to results/
             print(*notes, sep="\n")
             continue
-        header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB", "queued tokens/s",
-                  "queued vs HF sdpa"]  # fmt: skip
+        header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB"]
         # one table per config, so that configs measured in separate runs do not overwrite each other
         write_table(f"train-{slug(config_name)}",
                     f"Training step (forward + backward), {config_name} config, bf16", header, rows, notes)
