@@ -67,17 +67,18 @@ def main() -> None:
             layers = [(torch.randn(batch, 32, 1, 128, device="cuda", dtype=DT),
                        *(torch.randn(batch, 8, kv_len, 128, device="cuda", dtype=DT) for _ in range(2)))
                       for _ in range(copies_beyond_l2(kv_bytes))]  # fmt: skip
-            for name in _impls(*layers[0]):
+            impls_per_layer = [_impls(*layer) for layer in layers]
+            for name, first in impls_per_layer[0].items():
                 try:
-                    ms = stream_ms([_impls(*layer)[name] for layer in layers])
-                    single_ms = graph_ms(pass_step(_impls(*layers[0])[name], False), [])
+                    ms = stream_ms([impls[name] for impls in impls_per_layer])
+                    single_ms = graph_ms(pass_step(first, False), [])
                 except RuntimeError as error:
                     notes.append(f"decode {name} b{batch} kv{kv_len}: {str(error).splitlines()[0]}")
                     continue
                 rate = kv_bytes / (ms * 1e-3)
                 decode_rows.append([f"b{batch} kv{kv_len}", name, f"{ms * 1e3:.1f}", f"{single_ms * 1e3:.1f}",
                                     f"{rate / 1e9:.0f}", f"{rate / copy_bw:.0%}"])  # fmt: skip
-            del layers
+            del layers, impls_per_layer
     header = ["shape (B, Hq/Hkv, N, D) causal", "implementation", "fwd TFLOP/s", "fwd+bwd TFLOP/s",
               "ours / this (fwd)", "ours / this (fwd+bwd)"]
     notes.insert(0, "times are medians of CUDA-graph replays: device time, without the host's launch overhead")

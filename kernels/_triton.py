@@ -32,6 +32,7 @@ try:  # host-side TMA descriptors (Triton 3.3 and later)
 except ImportError:
     TensorDescriptor = None
 
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division for launch grids and tile counts on the host. ``triton.cdiv`` gives the same, but it is a
     constexpr function whose every Python call wraps and unwraps its arguments: ~2 us against ~0.03 us, dozens of

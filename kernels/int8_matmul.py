@@ -10,8 +10,8 @@ From ``DEQUANT_ROWS`` rows on (prefill, training) the matmul is compute-bound an
 there the weight is dequantized to the activations' dtype in one pass (a transient ``[N, K]`` copy, freed after
 the call) and cuBLAS multiplies. On an H100, Triton GEMMs (TMA, 12 tile shapes) reached at best 0.76-0.84x
 cuBLAS at 2048 and 8192 rows even on bf16 weights, 0.68-0.72x with the int8 conversion inside; dequantizing first
-costs one read of the int8 bytes and one write of the 16-bit ones (0.83-0.89x cuBLAS in all at 2048 rows,
-0.91-0.98x at 8192).
+costs one read of the int8 bytes and one write of the 16-bit ones (in all, over three runs timed as a stream of
+layers: 0.78-0.94x cuBLAS at 2048 rows, 0.83-1.07x at 8192; cuBLAS's own time moved up to 9% between runs).
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def _sum_splits(c: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) 
         return c[0]
     out = c.new_empty((m, n), dtype=dtype)
     _sum_splits_kernel[(cdiv(m * n, SUM_BLOCK),)](c, bias if bias is not None else c, out, splits, m * n, n,
-                                                         HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)  # fmt: skip
+                                                  HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)  # fmt: skip
     return out
 
 
