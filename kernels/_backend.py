@@ -8,6 +8,7 @@ real kernels). Everything else takes the reference. ``ACCEL_PATCH_BACKEND=refere
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -53,6 +54,12 @@ def choose(device: torch.device) -> tuple[str, str]:
     if requested == "triton":
         raise RuntimeError(f"the Triton backend was forced but cannot run: {reason}")
     return "reference", reason
+
+
+@functools.cache  # on launch paths (grid sizes)
+def sm_count(device_index: int | None) -> int:
+    """The number of streaming multiprocessors of CUDA device ``device_index`` (None: the current one)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from ._backend import (
     differentiable,
     eager_or_compiled,
     interpreting,
+    sm_count,
     tile_choices,
     unit_last_stride,
     use_triton,
@@ -639,7 +640,7 @@ DECODE_BLOCK_N = 64
 def _decode_splits(batch_kv: int, seq_k: int, device: torch.device) -> int:
     """Enough key splits that batch x kv_heads x splits programs fill the GPU twice over."""
     # on the CPU interpreter, 16 still splits the test sequences several ways
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+    target = 2 * sm_count(device.index) if device.type == "cuda" else 16
     return max(1, min(cdiv(target, batch_kv), cdiv(seq_k, DECODE_BLOCK_N)))
 
 

@@ -27,6 +27,7 @@ from ._backend import (
     differentiable,
     eager_or_compiled,
     interpreting,
+    sm_count,
     tile_choices,
     unit_last_stride,
     use_triton,
@@ -64,6 +65,26 @@ def _int8_to_f32(w, FAST: tl.constexpr):
     return out
 
 
+@triton.jit
+def _store_split(acc, C, c_offsets, PARTIAL, partial_offsets, COUNTERS, tile, split, splits, mn, mask):
+    """Store a split-K program's float32 ``acc`` into C: directly with one split; else as partial sum ``split``
+    of ``PARTIAL`` (float32 ``[splits, M, N]``, ``mn`` = M * N apart), and the last of the tile's programs to
+    finish (counted in ``COUNTERS[tile]``, which it sets back to 0 for the next launch) adds the partial sums in
+    split order and stores them. One launch, where a separate summing kernel was a second one: a decode step is
+    host-bound, a launch per Linear is ~10% of its time."""
+    if splits == 1:
+        tl.store(C + c_offsets, acc.to(C.dtype.element_ty), mask=mask)
+    else:
+        tl.store(PARTIAL + split * mn + partial_offsets, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums are written before the count says so (release)
+        if tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            total = tl.zeros_like(acc)
+            for s in range(splits):  # .cg: from L2, where the other programs' stores are
+                total += tl.load(PARTIAL + s * mn + partial_offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(C + c_offsets, total.to(C.dtype.element_ty), mask=mask)
+            tl.store(COUNTERS + tile, 0)
+
+
 def _tiled_configs():
     """Tile shapes for the prefill/training kernel, autotuned per (N, K, which operand the scale runs along and
     the row count's power of two): one small tile on the CPU interpreter."""
@@ -79,17 +100,16 @@ def _tiled_configs():
 @triton.autotune(configs=_tiled_configs(), key=["N", "K", "SCALE_OUT", "m_bucket"])
 @triton.jit
 def _w8a16_tiled_kernel(
-    A, B, SCALE, BIAS, C,
-    M, N, K, m_bucket, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
+    A, B, SCALE, BIAS, C, PARTIAL, COUNTERS,
+    M, N, K, m_bucket, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr = 8,
 ):
     """C[M, N] = A[M, K] @ dequant(B[K, N]), computed as its transpose ``dequant(B)^T @ A^T``: the int8 tile,
     converted in registers, is the left operand, which Hopper's wgmma reads from registers; a converted right
     operand would first be written back to shared memory. SCALE indexes N (forward) or, if not SCALE_OUT, K.
-    Program (i, s) covers K in [s * k_per_split, (s + 1) * k_per_split); with several splits C is a float32
-    [splits, M, N] buffer of partial sums, as in the decode kernel (m_bucket, the rows' power of two, keys the
-    autotuning and the split count)."""
+    Program (i, s) covers K in [s * k_per_split, (s + 1) * k_per_split), as in the decode kernel (m_bucket, the
+    rows' power of two, keys the autotuning and the split count)."""
     # grouped order: GROUP_N weight-row blocks share each activation block while both sit in L2
     pid = tl.program_id(0)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -114,26 +134,27 @@ def _w8a16_tiled_kernel(
         acc += tl.dot(w.to(A.dtype.element_ty), tl.trans(a), input_precision=DOT_PRECISION)
     if SCALE_OUT:
         acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[:, None]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    tl.store(C + tl.program_id(1) * stride_cs + offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn,
-             acc.to(C.dtype.element_ty), mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+    if HAS_BIAS:  # in the first split's partial sum only
+        bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += tl.where(tl.program_id(1) == 0, bias, 0.0)[:, None]
+    _store_split(acc, C, offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn, PARTIAL,
+                 offs_m[None, :] * N + offs_n[:, None], COUNTERS, pid, tl.program_id(1), tl.num_programs(1), M * N,
+                 (offs_m < M)[None, :] & (offs_n < N)[:, None])  # fmt: skip
 
 
 @cached_launch
 @triton.jit
 def _w8a16_decode_kernel(
-    A, B, SCALE, BIAS, C,
-    M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
+    A, B, SCALE, BIAS, C, PARTIAL, COUNTERS,
+    M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Few rows (decode): C[M, N] = A[M, K] @ dequant(B[K, N]); SCALE indexes N (forward) or, if not SCALE_OUT,
     K (backward).
 
-    Program (i, j, s) covers K in [s * k_per_split, (s + 1) * k_per_split). With several splits C is a float32
-    [splits, M, N] buffer of partial sums (the caller adds them and the bias): that is how a few rows (decode)
-    spread the weight read over the whole GPU."""
+    Program (i, j, s) covers K in [s * k_per_split, (s + 1) * k_per_split): that is how a few rows (decode)
+    spread the weight read over the whole GPU. The last split to finish a tile adds them (``_store_split``)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = tl.program_id(2) * k_per_split
@@ -151,10 +172,13 @@ def _w8a16_decode_kernel(
         acc += tl.dot(a, b.to(A.dtype.element_ty), input_precision=DOT_PRECISION)  # |q| <= 127: exact in fp16/bf16
     if SCALE_OUT:
         acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + tl.program_id(2) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-             acc.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    if HAS_BIAS:  # in the first split's partial sum only
+        bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        acc += tl.where(tl.program_id(2) == 0, bias, 0.0)[None, :]
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    _store_split(acc, C, offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, PARTIAL,
+                 offs_m[:, None] * N + offs_n[None, :], COUNTERS, tile, tl.program_id(2), tl.num_programs(2), M * N,
+                 (offs_m < M)[:, None] & (offs_n < N)[None, :])  # fmt: skip
 
 
 @cached_launch
@@ -192,7 +216,7 @@ def _gemv_blocks(n: int, k: int, device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return 4, 32
     block_n = 32
-    while block_n > 1 and cdiv(n, block_n) < 2 * _sm_count(device.index):
+    while block_n > 1 and cdiv(n, block_n) < 2 * sm_count(device.index):
         block_n //= 2
     return block_n, min(8192 // block_n, max(256, next_power_of_2(k)))
 
@@ -211,21 +235,6 @@ def _gemv_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bia
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return c
-
-
-@cached_launch
-@triton.jit
-def _sum_splits_kernel(PARTIAL, BIAS, C, splits, mn, n, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """C[m, n] = the sum over s of the float32 PARTIAL[s, m, n] (+ BIAS[n]), in C's dtype: the split-K decode
-    kernel's epilogue in one launch (a decode step is host-bound: sum, bias add and cast were three)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < mn
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(splits):
-        acc += tl.load(PARTIAL + s * mn + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + offs % n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(C + offs, acc.to(C.dtype.element_ty), mask=mask)
 
 
 @cached_launch
@@ -253,18 +262,12 @@ def _dequantize_triton(weight_int8: torch.Tensor, scale: torch.Tensor, dtype: to
     return out
 
 
-SUM_BLOCK = 1024
 # Up to this many rows: small tiles and split-K, which spread the weight read over the whole GPU. Against the
 # tiled kernel without its K split (H100, LLaMA-3-8B shapes): 13.0-38.7 against 32.8-100.5 µs at 32 rows; at 64,
 # 13.4-56.7 against 32.9-101.0, ahead on three shapes and 6% behind on 4096 -> 14336; at 128 well behind on
 # the wide shapes (104.6 against 53.6 µs at 4096 -> 14336).
 DECODE_ROWS = 64
 DEQUANT_ROWS = 1024  # from this many rows on: dequantize, then cuBLAS (see the module's docstring)
-
-
-@functools.cache
-def _sm_count(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.cache
@@ -276,7 +279,7 @@ def _tiled_splits(m_bucket: int, n: int, k: int, device: torch.device) -> tuple[
     on_gpu = device.type == "cuda"
     unit = 128 if on_gpu else 32  # a multiple of every BLOCK_K
     tiles = cdiv(m_bucket, 128) * cdiv(n, 128)
-    sms = _sm_count(device.index) if on_gpu else 8
+    sms = sm_count(device.index) if on_gpu else 8
     if 2 * tiles > sms:  # the partial sums' extra traffic would cost more than the idle SMs
         return 1, k
     return _split_k(k, tiles, 2 * sms, unit, 4 if on_gpu else 2)
@@ -304,7 +307,7 @@ def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[
     block_m = 16
     grid_mn = (cdiv(m, block_m), cdiv(n, block_n))
     # on the CPU interpreter, 8 still splits the test shapes several ways
-    target = per_sm * _sm_count(device.index) if on_gpu else 8
+    target = per_sm * sm_count(device.index) if on_gpu else 8
     splits, k_per_split = _split_k(k, grid_mn[0] * grid_mn[1], target, block_k, 1)
     constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": stages}
     return (*grid_mn, splits), k_per_split, constants
@@ -318,38 +321,46 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
     if m >= DEQUANT_ROWS:  # b_int8 is the weight [out, in] either way; scale_out: forward, else the input gradient
         weight = _dequantize_triton(b_int8, scale, a.dtype)
         return F.linear(a, weight, None if bias is None else bias.to(a.dtype)) if scale_out else a @ weight
-    flags = dict(SCALE_OUT=scale_out, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+    flags = dict(SCALE_OUT=scale_out, HAS_BIAS=bias is not None,
+                 DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")  # fmt: skip
+    c = a.new_empty((m, n))
+    bias = bias if bias is not None else scale  # any pointer: not read
     if m > DECODE_ROWS:
         m_bucket = min(next_power_of_2(m), 8192)
         splits, k_per_split = _tiled_splits(m_bucket, n, k, a.device)
-        c = a.new_empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype)
+        # counters for the smallest tiles any configuration has (16 x 16: the CPU interpreter's)
+        partial, counters = _split_buffers(c, splits, cdiv(m, 16) * cdiv(n, 16))
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         _w8a16_tiled_kernel[grid](
-            a, b_int8, scale, bias if bias is not None else scale, c,
-            m, n, k, m_bucket, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
-            c.stride(2), HAS_BIAS=bias is not None and splits == 1, **flags,
+            a, b_int8, scale, bias, c, partial, counters, m, n, k, m_bucket, k_per_split, a.stride(0), a.stride(1),
+            *b_strides, n, 1, **flags,
         )  # fmt: skip
-        return _sum_splits(c, bias, a.dtype)
+        return c
     grid, k_per_split, constants = _decode_launch(m, n, k, a.device)
-    splits = grid[2]
-    c = a.new_empty((splits, m, n), dtype=torch.float32 if splits > 1 else a.dtype)
+    partial, counters = _split_buffers(c, grid[2], grid[0] * grid[1])
     _w8a16_decode_kernel[grid](
-        a, b_int8, scale, bias if bias is not None else scale, c,
-        m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1), c.stride(2),
-        HAS_BIAS=bias is not None and splits == 1, **constants, **flags,
+        a, b_int8, scale, bias, c, partial, counters, m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides, n, 1,
+        **constants, **flags,
     )  # fmt: skip
-    return _sum_splits(c, bias, a.dtype)
+    return c
 
 
-def _sum_splits(c: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The split-K kernels' result from their ``[splits, M, N]`` output (one split: already final)."""
-    splits, m, n = c.shape
+_tile_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _split_buffers(c: torch.Tensor, splits: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partial sums, tile counters)`` for a split-K launch writing ``c`` (one split: ``c`` twice, unused). The
+    counters are zero between launches (each launch's last programs set theirs back): one buffer per device and
+    stream, so that launches running at once never share one."""
     if splits == 1:
-        return c[0]
-    out = c.new_empty((m, n), dtype=dtype)
-    _sum_splits_kernel[(cdiv(m * n, SUM_BLOCK),)](c, bias if bias is not None else c, out, splits, m * n, n,
-                                                  HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)  # fmt: skip
-    return out
+        return c, c
+    device = c.device
+    stream = triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _tile_counters.get(key)
+    if counters is None or counters.numel() < tiles:
+        counters = _tile_counters[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return c.new_empty((splits, *c.shape), dtype=torch.float32), counters
 
 
 def quantize_per_channel(weight: torch.Tensor, rows_per_step: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

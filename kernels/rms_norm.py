@@ -6,11 +6,9 @@ input dtype before it meets the weight, output in ``promote(x.dtype, weight.dtyp
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, use_triton
+from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, sm_count, use_triton
 from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 MAX_WIDTH = 65536  # one row is held in registers by one program
@@ -95,18 +93,13 @@ BWD_TILE_ELEMS = 16384
 BWD_PROGRAMS_PER_SM = 1
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _bwd_config(n: int, m: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, warps, programs) for the backward of m rows of width n."""
     block_n = next_power_of_2(n)
     block_m = max(1, min(BWD_TILE_ELEMS // block_n, 16))
     warps = 8 if block_m * block_n >= 8192 else 4
     # the CPU interpreter runs programs one by one; a few exercise the split
-    programs = _sm_count(device) * BWD_PROGRAMS_PER_SM if device.type == "cuda" else 4
+    programs = sm_count(device.index) * BWD_PROGRAMS_PER_SM if device.type == "cuda" else 4
     return block_m, block_n, warps, max(min(programs, cdiv(m, block_m)), 1)
 
 

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import accel_patch
 from accel_patch import Int8Linear, force_backend, patch_model, quantize_model
 from accel_patch.kernels import int8_linear, quantize_per_channel
+from accel_patch.kernels._triton import next_power_of_2
 from accel_patch.kernels.int8_matmul import DECODE_ROWS, DEQUANT_ROWS
 
 from helpers import TOL, backends_for, loss_curve, rel_err
@@ -327,3 +328,28 @@ def test_from_pretrained_int8_with_device_map_auto_generates(float_checkpoint):
         assert len(_int8_layers(placed)) == 2 * 7
         expected = plain.generate(ids, max_new_tokens=5, do_sample=False)
         assert torch.equal(placed.generate(ids, max_new_tokens=5, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("device,dtype,backend", CASES)
+def test_split_k_launches_repeat_exactly_and_reset_their_counters(device, dtype, backend):
+    # Split-K launches (decode-sized and tile-sized row counts) add their partial sums in the last program per
+    # tile, counted in a buffer that each launch must leave at zero: a leftover count would make the next launch
+    # skip a tile's store (stale output) or store it early (a partial sum).
+    from accel_patch.kernels import int8_matmul
+
+    m_small, m_tiled, k, n = SHAPES[device][1][0], DECODE_ROWS + 16, 1031, 77
+    dev = torch.device(device)
+    assert int8_matmul._decode_launch(m_small, n, k, dev)[0][2] > 1  # both row counts split K here
+    assert int8_matmul._tiled_splits(next_power_of_2(m_tiled), n, k, dev)[0] > 1
+    w_int8, scale = quantize_per_channel(torch.randn(n, k, device=device))
+    bias = torch.randn(n, device=device).to(dtype)
+    w64 = w_int8.double() * scale.double()[:, None]
+    with force_backend(backend):
+        for m in (m_small, m_tiled, m_small):
+            x = torch.randn(m, k, device=device).to(dtype)
+            first, second = int8_linear(x, w_int8, scale, bias), int8_linear(x, w_int8, scale, bias)
+            assert torch.equal(first, second), m  # the partial sums are added in a fixed order
+            assert rel_err(first, x.double() @ w64.t() + bias.double()) < TOL[dtype], m
+    counters = [c for (where, _), c in int8_matmul._tile_counters.items() if where.type == dev.type]
+    assert backend == "reference" or counters, "no split-K launch ran"
+    assert all(int(c.abs().sum()) == 0 for c in counters)

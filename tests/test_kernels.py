@@ -490,8 +490,10 @@ def test_ops_compile_fullgraph(backend):
         got = compiled(*args)
         got_grads = torch.autograd.grad(got, [args[i] for i in leaves])
     torch.testing.assert_close(got, expected)
+    # float32 rounding differs: traced, the linears' input gradients are summed by separate adds, eagerly inside
+    # the GEMMs (random inputs put one element of 72 at 2e-5 relative once in many runs)
     for a, b in zip(got_grads, expected_grads, strict=True):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- cached launches (GPU: the interpreter has none)
