@@ -20,13 +20,6 @@ from common import copies_beyond_l2, copy_bandwidth, graph_ms, pass_step, stream
 DT = torch.bfloat16
 TRAIN_SHAPES = [(4, 32, 32, 2048), (1, 32, 32, 8192), (8, 32, 8, 1024)]  # batch, q heads, kv heads, seq
 REPEATS = 5  # training shapes: calls per CUDA graph, back to back as a model's layers run them
-
-
-def _gradients_step(run, inputs: list[torch.Tensor]):
-    """Forward and backward with fixed random output gradients, returning the inputs' gradients rather than
-    accumulating them into ``.grad`` (which repeated calls in one graph would turn into extra add kernels)."""
-    grads = [torch.randn_like(t) for t in run()]
-    return lambda: torch.autograd.grad(run(), inputs, grads)
 SDPA_BACKENDS = {"SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION,
                  "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
 
@@ -57,7 +50,7 @@ def main() -> None:
             for name, run in _impls(q, k, v).items():
                 try:
                     fwd = stream_ms([pass_step(run, False)] * REPEATS)
-                    fwd_bwd = stream_ms([_gradients_step(run, [q, k, v])] * REPEATS)
+                    fwd_bwd = stream_ms([pass_step(run, True, [q, k, v])] * REPEATS)
                 except RuntimeError as error:  # a backend that does not take this shape
                     notes.append(f"{name} on ({batch}, {n_q}/{n_kv}, {seq}, {head_dim}): {str(error).splitlines()[0]}")
                     continue

@@ -19,8 +19,11 @@ def median_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None 
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
-def pass_step(run: Callable[[], tuple[torch.Tensor, ...]], backward: bool) -> Callable[[], None]:
-    """A callable running the forward pass, or forward and backward with fixed random output grads."""
+def pass_step(run: Callable[[], tuple[torch.Tensor, ...]], backward: bool,
+              inputs: Sequence[torch.Tensor] = ()) -> Callable[[], object]:  # fmt: skip
+    """A callable running the forward pass, or forward and backward with fixed random output grads: into the
+    leaves' ``.grad``, or with ``inputs`` returned as their gradients instead (so that several calls in one CUDA
+    graph add no accumulation kernels)."""
     if not backward:
 
         def forward():
@@ -29,6 +32,8 @@ def pass_step(run: Callable[[], tuple[torch.Tensor, ...]], backward: bool) -> Ca
 
         return forward
     grads = [torch.randn_like(t) for t in run()]
+    if inputs:
+        return lambda: torch.autograd.grad(run(), inputs, grads)
     return lambda: torch.autograd.backward(run(), grads)
 
 

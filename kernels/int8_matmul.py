@@ -66,22 +66,22 @@ def _int8_to_f32(w, FAST: tl.constexpr):
 
 
 @triton.jit
-def _store_split(acc, C, c_offsets, PARTIAL, partial_offsets, COUNTERS, tile, split, splits, mn, mask):
-    """Store a split-K program's float32 ``acc`` into C: directly with one split; else as partial sum ``split``
-    of ``PARTIAL`` (float32 ``[splits, M, N]``, ``mn`` = M * N apart), and the last of the tile's programs to
-    finish (counted in ``COUNTERS[tile]``, which it sets back to 0 for the next launch) adds the partial sums in
-    split order and stores them. One launch, where a separate summing kernel was a second one: a decode step is
-    host-bound, a launch per Linear is ~10% of its time."""
+def _store_split(acc, C, offsets, PARTIAL, COUNTERS, tile, split, splits, mn, mask):
+    """Store a split-K program's float32 ``acc`` at ``offsets`` of the contiguous ``[M, N]`` C: directly with one
+    split; else as partial sum ``split`` of ``PARTIAL`` (float32 ``[splits, M, N]``, ``mn`` = M * N apart), and the
+    last of the tile's programs to finish (counted in ``COUNTERS[tile]``, which it sets back to 0 for the next
+    launch) adds the partial sums in split order and stores them. One launch, where a separate summing kernel was
+    a second one: a decode step is host-bound."""
     if splits == 1:
-        tl.store(C + c_offsets, acc.to(C.dtype.element_ty), mask=mask)
+        tl.store(C + offsets, acc.to(C.dtype.element_ty), mask=mask)
     else:
-        tl.store(PARTIAL + split * mn + partial_offsets, acc, mask=mask)
+        tl.store(PARTIAL + split * mn + offsets, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial sums are written before the count says so (release)
         if tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
             total = tl.zeros_like(acc)
             for s in range(splits):  # .cg: from L2, where the other programs' stores are
-                total += tl.load(PARTIAL + s * mn + partial_offsets, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(C + c_offsets, total.to(C.dtype.element_ty), mask=mask)
+                total += tl.load(PARTIAL + s * mn + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(C + offsets, total.to(C.dtype.element_ty), mask=mask)
             tl.store(COUNTERS + tile, 0)
 
 
@@ -101,7 +101,7 @@ def _tiled_configs():
 @triton.jit
 def _w8a16_tiled_kernel(
     A, B, SCALE, BIAS, C, PARTIAL, COUNTERS,
-    M, N, K, m_bucket, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    M, N, K, m_bucket, k_per_split, stride_am, stride_ak, stride_bk, stride_bn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr = 8,
 ):
@@ -137,16 +137,15 @@ def _w8a16_tiled_kernel(
     if HAS_BIAS:  # in the first split's partial sum only
         bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         acc += tl.where(tl.program_id(1) == 0, bias, 0.0)[:, None]
-    _store_split(acc, C, offs_m[None, :] * stride_cm + offs_n[:, None] * stride_cn, PARTIAL,
-                 offs_m[None, :] * N + offs_n[:, None], COUNTERS, pid, tl.program_id(1), tl.num_programs(1), M * N,
-                 (offs_m < M)[None, :] & (offs_n < N)[:, None])  # fmt: skip
+    _store_split(acc, C, offs_m[None, :] * N + offs_n[:, None], PARTIAL, COUNTERS, pid, tl.program_id(1),
+                 tl.num_programs(1), M * N, (offs_m < M)[None, :] & (offs_n < N)[:, None])  # fmt: skip
 
 
 @cached_launch
 @triton.jit
 def _w8a16_decode_kernel(
     A, B, SCALE, BIAS, C, PARTIAL, COUNTERS,
-    M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -176,9 +175,8 @@ def _w8a16_decode_kernel(
         bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         acc += tl.where(tl.program_id(2) == 0, bias, 0.0)[None, :]
     tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    _store_split(acc, C, offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, PARTIAL,
-                 offs_m[:, None] * N + offs_n[None, :], COUNTERS, tile, tl.program_id(2), tl.num_programs(2), M * N,
-                 (offs_m < M)[:, None] & (offs_n < N)[None, :])  # fmt: skip
+    _store_split(acc, C, offs_m[:, None] * N + offs_n[None, :], PARTIAL, COUNTERS, tile, tl.program_id(2),
+                 tl.num_programs(2), M * N, (offs_m < M)[:, None] & (offs_n < N)[None, :])  # fmt: skip
 
 
 @cached_launch
@@ -333,13 +331,13 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         _w8a16_tiled_kernel[grid](
             a, b_int8, scale, bias, c, partial, counters, m, n, k, m_bucket, k_per_split, a.stride(0), a.stride(1),
-            *b_strides, n, 1, **flags,
+            *b_strides, **flags,
         )  # fmt: skip
         return c
     grid, k_per_split, constants = _decode_launch(m, n, k, a.device)
     partial, counters = _split_buffers(c, grid[2], grid[0] * grid[1])
     _w8a16_decode_kernel[grid](
-        a, b_int8, scale, bias, c, partial, counters, m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides, n, 1,
+        a, b_int8, scale, bias, c, partial, counters, m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides,
         **constants, **flags,
     )  # fmt: skip
     return c
