@@ -14,13 +14,23 @@ matmul took ~5.7 ms of a 134 ms training step, and this form took the step from 
 
 Numerics follow HF's ``ForCausalLMLoss``: logits in the input dtype, softmax in float32, mean over the labels
 that are not ``ignore_index`` (or a sum divided by ``num_items``, as HF's Trainer passes it).
+
+A tied LM head (the embedding's weight) gets a second gradient from the embedding lookup, which PyTorch builds as a
+zero-filled ``[vocab, hidden]`` tensor with the tokens' rows added, then adds to this one over the whole
+``[vocab, hidden]`` (H100, LLaMA-3.2-1B: 1.0 ms of a training step). :func:`embedding_for_tied_head` does the
+lookup so that the loss's backward, which runs first, hands its gradient over instead, and the lookup's backward
+adds its tokens' rows into it (:func:`add_embedding_rows`) and returns the one sum: the same numbers.
 """
 
 from __future__ import annotations
 
-import torch
+import threading
+import weakref
 
-from ._backend import autocast_cast, check_float, check_same_device, differentiable, use_triton
+import torch
+import torch.nn.functional as F
+
+from ._backend import as_rows, autocast_cast, check_float, check_same_device, differentiable, use_triton
 from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 MAX_BLOCK_V = 4096  # vocab columns per step of a row's loop
@@ -83,11 +93,14 @@ def _cross_entropy_rows_ref(logits, labels, row_loss, scale, ignore_index: int, 
 @cached_launch
 @triton.jit
 def _scale_kernel(X, FACTOR, n, BLOCK: tl.constexpr):
-    """``X *= FACTOR[0]`` in place, the factor read from device memory."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    x = tl.load(X + offsets, mask=mask).to(tl.float32)
-    tl.store(X + offsets, (x * tl.load(FACTOR).to(tl.float32)).to(X.dtype.element_ty), mask=mask)
+    """``X *= FACTOR[0]`` in place, the factor read from device memory. A factor of 1 (``loss.backward()``) leaves
+    X unread and unwritten: the pass over the LM head's gradient would change nothing."""
+    factor = tl.load(FACTOR).to(tl.float32)
+    if factor != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        x = tl.load(X + offsets, mask=mask).to(tl.float32)
+        tl.store(X + offsets, (x * factor).to(X.dtype.element_ty), mask=mask)
 
 
 SCALE_BLOCK = 8192
@@ -102,6 +115,136 @@ def scale_in_place(t: torch.Tensor, factor: torch.Tensor) -> None:
         torch.autograd.graph.increment_version(t)  # as mul_ would: a second backward must see t was modified
     else:
         t.mul_(factor.to(t.dtype))
+
+
+@cached_launch
+@triton.jit
+def _add_rows_kernel(GRAD, SORTED_IDS, ORDER, ROWS, stride_grad, stride_rows, n_tokens, width, padding_idx,
+                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """``GRAD[v] += sum(ROWS[t] for the tokens t of id v)`` over a column block. The ids come sorted (ORDER: each
+    one's token); the program at the first of a run of equal ids sums the run's rows in float32, in token order, and
+    rounds the sum to ROWS' dtype before adding it, as the lookup's own gradient would be rounded: no atomics, the
+    same result every run. ``padding_idx`` rows get nothing, as in ``F.embedding``."""
+    start = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < width
+    token_id = tl.load(SORTED_IDS + start)
+    previous = tl.load(SORTED_IDS + tl.maximum(start - 1, 0))
+    if (token_id != padding_idx) & ((start == 0) | (previous != token_id)):
+        total = tl.zeros([BLOCK_H], tl.float32)
+        first = start
+        more = start >= 0
+        while more:
+            positions = first + tl.arange(0, BLOCK_T)
+            same = tl.load(SORTED_IDS + positions, mask=positions < n_tokens, other=-1) == token_id
+            tokens = tl.load(ORDER + positions, mask=same, other=0)
+            rows = tl.load(ROWS + tokens.to(tl.int64)[:, None] * stride_rows + cols[None, :],
+                           mask=same[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
+            total += tl.sum(rows.to(tl.float32), 0)
+            first += BLOCK_T
+            more = tl.sum(same.to(tl.int32), 0) == BLOCK_T  # a full block: the run may go on
+        target = GRAD + token_id.to(tl.int64) * stride_grad + cols
+        summed = total.to(ROWS.dtype.element_ty).to(tl.float32)
+        current = tl.load(target, mask=col_ok).to(tl.float32)
+        tl.store(target, (current + summed).to(GRAD.dtype.element_ty), mask=col_ok)
+
+
+def add_embedding_rows_ref(grad: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, padding_idx: int) -> None:
+    """PyTorch reference, with PyTorch's own numbers: the lookup's dense gradient (``padding_idx`` < 0: none), then
+    added."""
+    grad.add_(torch.ops.aten.embedding_dense_backward(rows, ids, grad.shape[0], padding_idx, False))
+
+
+def _add_embedding_rows_impl(grad: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, padding_idx: int) -> None:
+    if not (use_triton(grad) and grad.is_contiguous()):
+        add_embedding_rows_ref(grad, ids, rows, padding_idx)
+    elif ids.numel():
+        sorted_ids, order = torch.sort(ids, stable=True)
+        block_t, block_h = (8, min(512, next_power_of_2(rows.shape[1]))) if grad.is_cuda else (4, 16)
+        _add_rows_kernel[(ids.numel(), cdiv(rows.shape[1], block_h))](
+            grad, sorted_ids, order, rows, grad.stride(0), rows.stride(0), ids.numel(), rows.shape[1], padding_idx,
+            BLOCK_T=block_t, BLOCK_H=block_h,
+        )  # fmt: skip
+    torch.autograd.graph.increment_version(grad)
+
+
+_add_embedding_rows_op = torch.library.custom_op(
+    "accel_patch::add_embedding_rows", _add_embedding_rows_impl, mutates_args=("grad",)
+)
+
+
+def add_embedding_rows(grad: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, padding_idx: int | None) -> None:
+    """``grad += `` the gradient an embedding lookup of ``ids`` gets from the output gradient ``rows`` (``[tokens,
+    hidden]``; ``ids`` ``[tokens]``), in place, without building that gradient's ``[vocab, hidden]`` tensor."""
+    args = (grad, ids.reshape(-1), as_rows(rows), -1 if padding_idx is None else padding_idx)
+    if torch.compiler.is_compiling():
+        _add_embedding_rows_op(*args)
+    else:
+        _add_embedding_rows_impl(*args)
+
+
+class TiedHeadGradient:
+    """One forward pass's hand-over of the fused loss's weight gradient to the embedding lookup of the same (tied)
+    weight: see the module's docstring. The loss's backward gives its gradient to the lookup only while the lookup's
+    backward has not run and will run in this backward pass (else it returns it itself: nothing is lost whatever
+    the graph); the lookup's backward takes it, adds its rows and returns the sum. A lock: autograd may run the two
+    on different devices' threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._grad: torch.Tensor | None = None
+        self._lookup_node = None  # the lookup's autograd node (holds this object only weakly: no cycle)
+        self._claimed = False
+
+    def hand_over(self, grad: torch.Tensor) -> bool:
+        will_run = getattr(torch._C, "_will_engine_execute_node", None)
+        with self._lock:
+            if self._claimed or self._lookup_node is None or will_run is None or not will_run(self._lookup_node):
+                return False
+            self._grad = grad
+            return True
+
+    def claim(self) -> torch.Tensor | None:
+        with self._lock:
+            self._claimed = True
+            grad, self._grad, self._lookup_node = self._grad, None, None
+            return grad
+
+
+class _TiedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, handover):
+        ctx.save_for_backward(ids)
+        ctx.vocab, ctx.padding_idx, ctx.handover = weight.shape[0], padding_idx, weakref.ref(handover)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_embeds):
+        (ids,) = ctx.saved_tensors
+        handover = ctx.handover()
+        head_grad = handover.claim() if handover is not None else None
+        if head_grad is None:  # the loss kept its gradient: the lookup's own, as nn.Embedding's backward gives it
+            padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
+            own = torch.ops.aten.embedding_dense_backward(grad_embeds, ids, ctx.vocab, padding_idx, False)
+            return None, own, None, None
+        add_embedding_rows(head_grad, ids, grad_embeds.reshape(-1, grad_embeds.shape[-1]), ctx.padding_idx)
+        return None, head_grad, None, None
+
+
+def embedding_for_tied_head(
+    ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None
+) -> tuple[torch.Tensor, TiedHeadGradient | None]:
+    """``F.embedding(ids, weight, padding_idx)``, and the object to pass as ``tied_head`` to
+    :func:`linear_cross_entropy` over the same ``weight``, so that the weight's two gradients are summed without a
+    ``[vocab, hidden]`` pass (None, and a plain lookup, where no gradient is wanted or under ``torch.compile``)."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids must be int64 or int32, got {ids.dtype}")
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.embedding(ids, weight, padding_idx), None
+    handover = TiedHeadGradient()
+    embeds = _TiedLookup.apply(ids, weight, padding_idx, handover)
+    handover._lookup_node = embeds.grad_fn
+    return embeds, handover
 
 
 def _forward(
@@ -163,6 +306,9 @@ def _backward(ctx, dloss, _dgrad_hidden, _dgrad_weight):
         scale_in_place(grad_hidden, dloss)
         scale_in_place(grad_weight, dloss)
     hidden_grad, weight_grad = ctx.wants
+    tied_head = getattr(ctx, "tied_head", None)  # set by linear_cross_entropy
+    if weight_grad and tied_head is not None and tied_head.hand_over(grad_weight):
+        weight_grad = False  # the embedding lookup's backward returns the sum
     return grad_hidden if hidden_grad else None, grad_weight if weight_grad else None, None, None, None, None, None
 
 
@@ -184,6 +330,7 @@ def check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int = -100
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
     num_items: int | torch.Tensor | None = None, labels_checked: bool = False,
+    tied_head: TiedHeadGradient | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` (already aligned: no shift here), as a float32
     scalar: the mean over labels that are not ``ignore_index``, or their sum divided by ``num_items``.
@@ -191,7 +338,8 @@ def linear_cross_entropy(
     ``hidden``: ``[..., H]``; ``weight``: ``[V, H]`` (the LM head, tied or not); ``labels``: ``hidden``'s shape
     without ``H``. The ``[tokens, V]`` logits are never held whole. ``labels_checked=True`` skips
     :func:`check_labels` (for callers that ran it before queueing the forward, where its host sync costs nothing:
-    here it would stall the host until the GPU has finished the whole forward).
+    here it would stall the host until the GPU has finished the whole forward). ``tied_head``: from
+    :func:`embedding_for_tied_head` over this ``weight``.
     """
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -201,6 +349,7 @@ def linear_cross_entropy(
     if tuple(labels.shape) != tuple(hidden.shape[:-1]) or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be integer of shape {tuple(hidden.shape[:-1])}, got {labels.dtype} "
                          f"{tuple(labels.shape)}")  # fmt: skip
+    lookup_weight = weight
     hidden, weight = autocast_cast(hidden, weight)  # under autocast, logits in its dtype as HF's lm_head makes them
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
@@ -214,4 +363,6 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     loss, _, _ = _linear_cross_entropy(hidden, weight, labels, num_items, int(ignore_index),
                                        grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    if tied_head is not None and weight is lookup_weight and loss.grad_fn is not None:  # a cast weight: its own
+        loss.grad_fn.tied_head = tied_head
     return loss

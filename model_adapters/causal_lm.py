@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..kernels.linear_cross_entropy import check_labels, linear_cross_entropy
-from .modules import install_forward, plain_linear, remove_forward
+from ..kernels.linear_cross_entropy import check_labels, embedding_for_tied_head, linear_cross_entropy
+from .modules import install_forward, plain_embedding, plain_linear, remove_forward
 
 IGNORE_INDEX = -100  # HF's ForCausalLMLoss default
 
@@ -41,10 +41,16 @@ def _fused_forward(self, input_ids: torch.Tensor | None = None, attention_mask: 
     # Checked before the forward is queued, beside HF's own sync in its mask preamble; after it, the check would
     # hold the host until the GPU had run the whole forward, and the loss's first kernels would wait for the host.
     check_labels(shift_labels, head.weight.shape[0], IGNORE_INDEX)
+    embed, tied_head = self.get_input_embeddings(), None
+    if input_ids is not None and kwargs.get("inputs_embeds") is None and embed.weight is head.weight \
+            and plain_embedding(embed):  # the tied weight's two gradients summed without a [vocab, hidden] pass
+        kwargs["inputs_embeds"], tied_head = embedding_for_tied_head(input_ids, embed.weight, embed.padding_idx)
+        input_ids = None
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs.last_hidden_state
     loss = linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), ignore_index=IGNORE_INDEX,
-                                num_items=kwargs.get("num_items_in_batch"), labels_checked=True)  # fmt: skip
+                                num_items=kwargs.get("num_items_in_batch"), labels_checked=True,
+                                tied_head=tied_head)  # fmt: skip
     output = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                     hidden_states=outputs.hidden_states, attentions=outputs.attentions)  # fmt: skip
     return output.to_tuple() if return_dict is False else output

@@ -164,13 +164,25 @@ def remove_forward(module: nn.Module, function: Callable) -> bool:
     return True
 
 
-def plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` whose call is exactly ``F.linear``: not INT8, not wrapped by PEFT, no hooks and no
-    per-instance forward (accelerate's device and offload hooks replace it). Only then may a fused op read its
-    ``weight`` directly instead of calling it."""
+def _unhooked(module: nn.Module, cls: type) -> bool:
+    """Exactly a ``cls``: not a subclass or a PEFT wrapper, no hooks and no per-instance forward (accelerate's device
+    and offload hooks replace it). Only then may a fused op read its parameters directly instead of calling it."""
     return (
-        type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+        type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
         and "forward" not in vars(module)
+    )  # fmt: skip
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose call is exactly ``F.linear`` (not INT8 either): see ``_unhooked``."""
+    return _unhooked(module, nn.Linear)
+
+
+def plain_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose call is exactly ``F.embedding(ids, weight, padding_idx)``: see ``_unhooked``."""
+    return (
+        _unhooked(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+        and not module.sparse
     )  # fmt: skip
 
 

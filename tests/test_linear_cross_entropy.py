@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from accel_patch.kernels import force_backend, linear_cross_entropy
+from accel_patch.kernels.linear_cross_entropy import add_embedding_rows
 
 from helpers import CPU_DTYPES, TOL, backends_for, rel_err
 
@@ -14,8 +15,8 @@ SHAPES = {"cpu": [(37, 24, 301), (5, 16, 64)], "cuda": [(4096, 2048, 128256), (1
 
 
 @pytest.mark.parametrize("device,dtype,backend", CASES)
-@pytest.mark.parametrize("num_items", [None, 50])
-def test_matches_float64_cross_entropy(device, dtype, backend, num_items):
+@pytest.mark.parametrize("num_items,upstream", [(None, 2.5), (50, 2.5), (None, 1.0)])
+def test_matches_float64_cross_entropy(device, dtype, backend, num_items, upstream):
     for tokens, hidden_size, vocab in SHAPES[device]:
         gen = torch.Generator().manual_seed(tokens)
         h64 = torch.randn(tokens, hidden_size, generator=gen, dtype=torch.float64)
@@ -26,7 +27,7 @@ def test_matches_float64_cross_entropy(device, dtype, backend, num_items):
         weight = w64.to(device, dtype).requires_grad_()
         with force_backend(backend):
             loss = linear_cross_entropy(hidden, weight, labels.to(device), num_items=num_items)
-            (loss * 2.5).backward()  # a non-unit upstream gradient scales the stored gradients
+            (loss * upstream).backward()  # the upstream gradient scales the stored gradients (1: left as they are)
         h64.requires_grad_()
         w64.requires_grad_()
         # the reference sees the same rounded inputs, and logits rounded to the input dtype like HF's lm_head
@@ -35,7 +36,7 @@ def test_matches_float64_cross_entropy(device, dtype, backend, num_items):
         reduction = "mean" if num_items is None else "sum"
         expected = F.cross_entropy(logits, labels.to(device), ignore_index=-100, reduction=reduction)
         expected = expected / (num_items or 1)
-        (expected * 2.5).backward()
+        (expected * upstream).backward()
         grad_hidden = logits.grad @ weight.detach().double()
         grad_weight = logits.grad.t() @ hidden.detach().double()
         assert loss.dtype == torch.float32 and loss.dim() == 0
@@ -133,3 +134,25 @@ def test_loss_only_and_weight_only_gradients(backend):
             assert abs(linear_cross_entropy(hidden, weight, labels).item() - expected.item()) < 1e-5 * expected.item()
         linear_cross_entropy(hidden, weight, labels).backward()
     assert rel_err(weight.grad, logits.grad.t() @ hidden.double()) < 1e-5
+
+
+ROWS_SHAPES = {"cpu": (70, 24, 50), "cuda": (8192, 2048, 128256)}  # (tokens, hidden, vocab)
+
+
+@pytest.mark.parametrize("device,dtype,backend", CASES)
+def test_add_embedding_rows_adds_the_lookups_gradient_in_place(device, dtype, backend):
+    tokens, hidden_size, vocab = ROWS_SHAPES[device]
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (tokens,), generator=gen)
+    ids[5:45] = 9  # a run longer than the kernel's block of tokens
+    ids[::7] = 3  # the padding id: no gradient
+    rows64 = torch.randn(tokens, hidden_size, generator=gen, dtype=torch.float64)
+    grad64 = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64)
+    grad, rows = grad64.to(device, dtype), rows64.to(device, dtype)
+    before = grad.clone()
+    with force_backend(backend):
+        add_embedding_rows(grad, ids.to(device), rows, padding_idx=3)
+    expected = before.double().cpu().index_add(0, ids, rows.double().cpu().masked_fill((ids == 3)[:, None], 0.0))
+    touched = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, ids[ids != 3], True).to(device)
+    assert rel_err(grad[touched], expected.to(device)[touched]) < TOL[dtype]
+    assert torch.equal(grad[~touched], before[~touched])  # other rows, the padding row among them, untouched

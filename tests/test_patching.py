@@ -406,6 +406,40 @@ def test_fused_cross_entropy_follows_hf_loss_conventions(backend):
     assert "forward" not in vars(patched) and patched(ids, labels=labels).logits is not None
 
 
+def test_tied_head_gradient_is_summed_by_the_embedding_lookup(monkeypatch, backend):
+    """The fused loss hands its gradient of the tied weight to the embedding lookup, which adds its rows: the sum
+    matches stock however the backward runs, and the loss keeps its gradient where the lookup's backward won't run."""
+    from accel_patch.kernels.linear_cross_entropy import TiedHeadGradient
+
+    stock, patched = stock_and_patched("llama")  # tied embeddings, pad_token_id 0: a padding row
+    ids = torch.randint(3, VOCAB, (3, 20))
+    ids[1, :5] = 0
+    ids[2, 8:] = 7  # a long run of one id
+    handed = []
+    hand_over = TiedHeadGradient.hand_over
+    monkeypatch.setattr(TiedHeadGradient, "hand_over", lambda self, g: handed.append(hand_over(self, g)) or handed[-1])
+
+    def weight_grad(model, how):
+        model.zero_grad(set_to_none=True)
+        if how == "decoder cut":  # hidden states no longer depend on the lookup: only the head's gradient
+            hook = model.model.layers[0].register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
+        loss = model(input_ids=ids, labels=ids).loss
+        weight = model.model.embed_tokens.weight
+        if how == "decoder cut":
+            hook.remove()
+        if how == "autograd.grad":
+            return torch.autograd.grad(loss, [weight])[0]
+        (loss + 1e-3 * weight.square().sum() if how == "another term" else loss).backward()
+        return weight.grad
+
+    for how, hands_over in (("backward", True), ("autograd.grad", True), ("another term", True),
+                            ("decoder cut", False)):  # fmt: skip
+        handed.clear()
+        expected, got = weight_grad(stock, how), weight_grad(patched, how)
+        assert handed == [hands_over], how
+        assert got.layout == torch.strided and rel_err(got, expected) < 1e-5, how
+
+
 def test_plain_sliding_window_builds_no_mask_and_others_do():
     """The window goes to the kernel as a number; padding and chunked attention still get HF's dense mask."""
     from transformers.masking_utils import chunked_causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
