@@ -160,7 +160,9 @@ def _add_embedding_rows_impl(grad: torch.Tensor, ids: torch.Tensor, rows: torch.
         add_embedding_rows_ref(grad, ids, rows, padding_idx)
     elif ids.numel():
         sorted_ids, order = torch.sort(ids, stable=True)
-        block_t, block_h = (8, min(512, next_power_of_2(rows.shape[1]))) if grad.is_cuda else (4, 16)
+        # H100, 8192 tokens x 2048: 4 x 1024 took 46 us on random ids (8 x 512: 171; PyTorch's dense lookup
+        # gradient and its add, 1.04 ms); with a quarter of the tokens one id, 526 us (that run is one program's loop)
+        block_t, block_h = (4, min(1024, next_power_of_2(rows.shape[1]))) if grad.is_cuda else (4, 16)
         _add_rows_kernel[(ids.numel(), cdiv(rows.shape[1], block_h))](
             grad, sorted_ids, order, rows, grad.stride(0), rows.stride(0), ids.numel(), rows.shape[1], padding_idx,
             BLOCK_T=block_t, BLOCK_H=block_h,
