@@ -46,8 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def tiny_config():
+    # tied embeddings, as LLaMA-3.2-1B and Qwen3 have them
     return AutoConfig.for_model("llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                tie_word_embeddings=True)  # fmt: skip
 
 
 def load_model(args: argparse.Namespace) -> torch.nn.Module:
