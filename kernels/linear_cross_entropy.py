@@ -30,7 +30,15 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._backend import as_rows, autocast_cast, check_float, check_same_device, differentiable, use_triton
+from ._backend import (
+    as_rows,
+    autocast_cast,
+    check_float,
+    check_same_device,
+    differentiable,
+    eager_or_compiled,
+    use_triton,
+)
 from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 MAX_BLOCK_V = 4096  # vocab columns per step of a row's loop
@@ -170,19 +178,16 @@ def _add_embedding_rows_impl(grad: torch.Tensor, ids: torch.Tensor, rows: torch.
     torch.autograd.graph.increment_version(grad)
 
 
-_add_embedding_rows_op = torch.library.custom_op(
-    "accel_patch::add_embedding_rows", _add_embedding_rows_impl, mutates_args=("grad",)
+_add_embedding_rows = eager_or_compiled(
+    torch.library.custom_op("accel_patch::add_embedding_rows", _add_embedding_rows_impl, mutates_args=("grad",)),
+    _add_embedding_rows_impl,
 )
 
 
 def add_embedding_rows(grad: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, padding_idx: int | None) -> None:
-    """``grad += `` the gradient an embedding lookup of ``ids`` gets from the output gradient ``rows`` (``[tokens,
-    hidden]``; ``ids`` ``[tokens]``), in place, without building that gradient's ``[vocab, hidden]`` tensor."""
-    args = (grad, ids.reshape(-1), as_rows(rows), -1 if padding_idx is None else padding_idx)
-    if torch.compiler.is_compiling():
-        _add_embedding_rows_op(*args)
-    else:
-        _add_embedding_rows_impl(*args)
+    """``grad += `` the gradient an embedding lookup of ``ids`` (``[...]``) gets from the output gradient ``rows``
+    (``[..., hidden]``), in place, without building that gradient's ``[vocab, hidden]`` tensor."""
+    _add_embedding_rows(grad, ids.reshape(-1), as_rows(rows), -1 if padding_idx is None else padding_idx)
 
 
 class TiedHeadGradient:
@@ -217,7 +222,8 @@ class _TiedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, weight, padding_idx, handover):
         ctx.save_for_backward(ids)
-        ctx.vocab, ctx.padding_idx, ctx.handover = weight.shape[0], padding_idx, weakref.ref(handover)
+        ctx.vocab, ctx.handover = weight.shape[0], weakref.ref(handover)
+        ctx.padding_idx = -1 if padding_idx is None else padding_idx  # aten's "none"
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
@@ -226,10 +232,9 @@ class _TiedLookup(torch.autograd.Function):
         handover = ctx.handover()
         head_grad = handover.claim() if handover is not None else None
         if head_grad is None:  # the loss kept its gradient: the lookup's own, as nn.Embedding's backward gives it
-            padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
-            own = torch.ops.aten.embedding_dense_backward(grad_embeds, ids, ctx.vocab, padding_idx, False)
+            own = torch.ops.aten.embedding_dense_backward(grad_embeds, ids, ctx.vocab, ctx.padding_idx, False)
             return None, own, None, None
-        add_embedding_rows(head_grad, ids, grad_embeds.reshape(-1, grad_embeds.shape[-1]), ctx.padding_idx)
+        add_embedding_rows(head_grad, ids, grad_embeds, ctx.padding_idx)
         return None, head_grad, None, None
 
 
