@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 from accel_patch import Int8Linear
 
-from common import copies_beyond_l2, copy_bandwidth, graph_ms, has, median_ms, stream_ms, write_table
+from common import copies_beyond_l2, copy_bandwidth, graph_ms, has, median_ms, read_ms, stream_ms, write_table
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (in, out)
 TOKENS = [1, 16, 64, 128, 512, 1024, 2048, 8192]
+SMALL_M = 16  # the decode rows: memory-bound, where the read floor is shown beside them
+FLOOR_ROW = "read of int8 weight alone (floor)"
 
 
 def _torchao(linear: torch.nn.Linear) -> torch.nn.Module:
@@ -76,6 +78,9 @@ def main() -> None:
                 impls[name] = [build(linear) for _ in range(copies_beyond_l2(_weight_bytes(name, n, k)))]
             except Exception as error:  # an API that moved between releases: record it, keep measuring the rest
                 notes.append(f"{name}: {type(error).__name__}: {str(error).splitlines()[0]}")
+        # what any kernel reading the int8 weights must take at this size: the floor under the small-M rows
+        ours = impls.get("ours W8A16", [])
+        floor_ms = read_ms([(layer.weight,) for layer in ours]) if ours else None
         for m in TOKENS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             stream, single, eager = {}, {}, {}
@@ -89,16 +94,24 @@ def main() -> None:
                         notes.append(f"{name} at M={m}, {k}->{n}: {type(error).__name__}: {str(error)[:120]}")
             for name, ms in stream.items():
                 speedup = stream["cuBLAS bf16"] / ms
+                of_floor = "-" if floor_ms is None or m > SMALL_M or name == "cuBLAS bf16" else f"{floor_ms / ms:.0%}"
                 gbps = _weight_bytes(name, n, k) / (ms * 1e-3) / 1e9
                 rows.append([f"{k}->{n}", str(m), name, f"{ms * 1e3:.1f}", f"{single[name] * 1e3:.1f}",
                              f"{eager[name] * 1e3:.1f}", f"{gbps:.0f}", f"{gbps * 1e9 / copy_bw:.0%}",
-                             f"{2 * m * n * k / (ms * 1e-3) / 1e12:.0f}", f"{speedup:.2f}x"])  # fmt: skip
+                             f"{2 * m * n * k / (ms * 1e-3) / 1e12:.0f}", f"{speedup:.2f}x", of_floor])  # fmt: skip
+            if floor_ms is not None and m <= SMALL_M:
+                gbps = n * k / (floor_ms * 1e-3) / 1e9
+                rows.append([f"{k}->{n}", str(m), FLOOR_ROW, f"{floor_ms * 1e3:.1f}", "-", "-", f"{gbps:.0f}",
+                             f"{gbps * 1e9 / copy_bw:.0%}", "-", f"{stream['cuBLAS bf16'] / floor_ms:.2f}x", "100%"])
         del impls
         torch.cuda.empty_cache()
     header = ["shape", "M", "implementation", "µs (layer stream)", "µs (one call after L2 flush)", "µs eager",
-              "weight GB/s", "of copy BW", "TFLOP/s", "speed vs cuBLAS bf16"]  # fmt: skip
+              "weight GB/s", "of copy BW", "TFLOP/s", "speed vs cuBLAS bf16", "of the int8 read floor"]  # fmt: skip
     notes.append("layer stream: one CUDA graph calling the Linear on distinct copies of its weights, 4x the L2 cache "
                  "in all; GB/s, TFLOP/s and the speed ratio come from it")  # fmt: skip
+    notes.append(f"{FLOOR_ROW} (shown up to M={SMALL_M}): a kernel that only reads the same int8 weight bytes in the "
+                 "same stream, one launch per layer (common.read_ms): no W8A16 kernel can beat it at that size; the "
+                 "last column is it over each 8-bit row's time")  # fmt: skip
     write_table("int8-gemm", "W8A16 GEMM (bf16 activations)", header, rows, notes)
 
 

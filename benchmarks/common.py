@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 RESULTS = Path(__file__).parent / "results"
@@ -80,6 +82,31 @@ def stream_ms(calls: list[Callable[[], object]], replays: int = 50) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events) / len(calls)
+
+
+@triton.jit
+def _read_kernel(X, Y, SUMS, n, HAS_Y: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    total = tl.load(X + offs, mask=offs < n, other=0)
+    if HAS_Y:
+        total += tl.load(Y + offs, mask=offs < n, other=0)
+    tl.store(SUMS + tl.program_id(0), tl.sum(total, 0))
+
+
+def read_ms(layers: list[tuple[torch.Tensor, ...]]) -> float:
+    """The floor under a memory-bound call at its size: ``stream_ms`` of a kernel that only reads each layer's one
+    or two equally sized tensors (and writes a few bytes), in one launch per layer. No kernel that must read those
+    bytes can beat it: it pays the same launch, ramp-up and tail, and nothing else."""
+    sums = torch.empty(max(-(-t.numel() // 2048) for layer in layers for t in layer), dtype=torch.int32,
+                       device=layers[0][0].device)  # fmt: skip
+
+    def reader(x: torch.Tensor, y: torch.Tensor | None) -> Callable[[], None]:
+        words = x.view(-1).view(torch.int32)  # any dtype, read as 32-bit words (summed with wrap-around)
+        other = words if y is None else y.view(-1).view(torch.int32)
+        return lambda: _read_kernel[(triton.cdiv(words.numel(), 2048),)](words, other, sums, words.numel(),
+                                                                          HAS_Y=y is not None, BLOCK=2048, num_warps=8)
+
+    return stream_ms([reader(layer[0], layer[1] if len(layer) > 1 else None) for layer in layers])
 
 
 def copies_beyond_l2(nbytes: int, times_l2: int = 4) -> int:

@@ -507,6 +507,7 @@ def _attn_decode_kernel(
         k_ok = keys < end
         k = tl.load(K + b * sk_b + kv_h * sk_h + keys[None, :] * sk_s + offs_d[:, None],
                     mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        v = _load_rows(V + b * sv_b + kv_h * sv_h, keys, end, sv_s, offs_d, HEAD_DIM)  # in flight with K's
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if HAS_WINDOW:
             k_ok &= keys > seq_k - 1 - window
@@ -520,7 +521,6 @@ def _attn_decode_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V + b * sv_b + kv_h * sv_h, keys, end, sv_s, offs_d, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     empty = l_i == 0.0
@@ -647,13 +647,20 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
 
 
 DECODE_BLOCK_N = 64
+# Keys per split at least, from a probe of this kernel on an H100 (batch 1, 8 KV heads x 128, a stream of layers):
+# 4096 keys took 11.3 us in 16 splits of 256 against 12.1 in 32 of 128; 8192 keys were fastest in 32 of 256 and
+# 32768 in 32 of 1024, which the GPU-filling target below gives anyway.
+DECODE_MIN_KEYS = 4 * DECODE_BLOCK_N
 
 
 def _decode_splits(batch_kv: int, seq_k: int, device: torch.device) -> int:
-    """Enough key splits that batch x kv_heads x splits programs fill the GPU twice over."""
-    # on the CPU interpreter, 16 still splits the test sequences several ways
-    target = 2 * sm_count(device.index) if device.type == "cuda" else 16
-    return max(1, min(cdiv(target, batch_kv), cdiv(seq_k, DECODE_BLOCK_N)))
+    """Enough key splits that batch x kv_heads x splits programs fill the GPU twice over, none shorter than
+    ``DECODE_MIN_KEYS`` (so that a program's fixed costs, its query load and partial-sum store, stay small)."""
+    on_gpu = device.type == "cuda"
+    # on the CPU interpreter, 16 programs of one block each still split the test sequences several ways
+    target = 2 * sm_count(device.index) if on_gpu else 16
+    min_keys = DECODE_MIN_KEYS if on_gpu else DECODE_BLOCK_N
+    return max(1, min(cdiv(target, batch_kv), cdiv(seq_k, min_keys)))
 
 
 def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
