@@ -97,16 +97,16 @@ def read_ms(layers: list[tuple[torch.Tensor, ...]]) -> float:
     """The floor under a memory-bound call at its size: ``stream_ms`` of a kernel that only reads each layer's one
     or two equally sized tensors (and writes a few bytes), in one launch per layer. No kernel that must read those
     bytes can beat it: it pays the same launch, ramp-up and tail, and nothing else."""
-    sums = torch.empty(max(-(-t.numel() // 2048) for layer in layers for t in layer), dtype=torch.int32,
-                       device=layers[0][0].device)  # fmt: skip
+    # any dtype, read as 32-bit words (summed with wrap-around)
+    words = [[t.reshape(-1).view(torch.int32) for t in layer] for layer in layers]
+    blocks = max(triton.cdiv(w.numel(), 2048) for layer in words for w in layer)
+    sums = torch.empty(blocks, dtype=torch.int32, device=layers[0][0].device)
 
     def reader(x: torch.Tensor, y: torch.Tensor | None) -> Callable[[], None]:
-        words = x.view(-1).view(torch.int32)  # any dtype, read as 32-bit words (summed with wrap-around)
-        other = words if y is None else y.view(-1).view(torch.int32)
-        return lambda: _read_kernel[(triton.cdiv(words.numel(), 2048),)](words, other, sums, words.numel(),
-                                                                          HAS_Y=y is not None, BLOCK=2048, num_warps=8)
+        return lambda: _read_kernel[(triton.cdiv(x.numel(), 2048),)](x, x if y is None else y, sums, x.numel(),
+                                                                      HAS_Y=y is not None, BLOCK=2048, num_warps=8)
 
-    return stream_ms([reader(layer[0], layer[1] if len(layer) > 1 else None) for layer in layers])
+    return stream_ms([reader(layer[0], layer[1] if len(layer) > 1 else None) for layer in words])
 
 
 def copies_beyond_l2(nbytes: int, times_l2: int = 4) -> int:
