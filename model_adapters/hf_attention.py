@@ -1,8 +1,9 @@
 """The Triton attention kernel as an HF attention function, registered as ``attn_implementation="accel_triton"``.
 
 HF passes each attention function the mask built for the model's attention implementation: a 4-D boolean
-(SDPA style), a 4-D additive float (eager), a 2-D padding mask (flash style), or None when plain causal
-attention is exact. All four are accepted.
+(SDPA style), a 4-D additive float (eager), a 2-D padding mask (flash style), or None where SDPA's own
+``is_causal`` is exact. All four are accepted. The kernel aligns its queries with the last keys; SDPA's
+``is_causal`` aligns them with the first, which differs only for several queries over more keys (see below).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def accel_triton_attention(
     window = None
     if attention_mask is None:
         window = sliding_window  # a 4-D mask already carries the window, with the cache's true positions
+        if 1 < query.shape[2] < key.shape[2]:
+            # HF leaves the mask out here only for a prefill into an empty static cache (transformers 5.23 does),
+            # counting on SDPA's upper-left alignment: the keys past the queries are empty slots no query sees.
+            key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
     elif attention_mask.dim() == 2:
         key_padding = attention_mask
     elif attention_mask.dtype == torch.bool:

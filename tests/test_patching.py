@@ -120,11 +120,23 @@ def test_packed_sequences_match_separate_runs(backend):
     assert rel_err(patched(packed, position_ids=position_ids, use_cache=False).logits, separate) < 1e-4
 
 
-def test_static_cache_generation(backend):
-    stock, patched = stock_and_patched("llama")
+def generation_with_scores(model, ids, **kwargs):
+    """Greedy generation's tokens and the logits of every step (tokens alone can hide wrong logits)."""
+    out = model.generate(ids, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                         **kwargs)  # fmt: skip
+    return out.sequences, torch.stack(out.scores)
+
+
+def test_static_cache_generation_matches_stock(family, backend):
+    # Unpadded, the prefill into the empty static cache reaches the attention with no mask: HF then relies on SDPA's
+    # is_causal, which aligns the queries with the first keys of the cache, not its last ones.
+    stock, patched = stock_and_patched(family)
     ids = torch.randint(3, VOCAB, (2, 6))
-    kwargs = dict(max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
-    assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    kwargs = dict(max_new_tokens=6, cache_implementation="static")
+    expected_tokens, expected_logits = generation_with_scores(stock, ids, **kwargs)
+    tokens, logits = generation_with_scores(patched, ids, **kwargs)
+    assert torch.equal(tokens, expected_tokens)
+    assert rel_err(logits, expected_logits) < 1e-4
 
 
 def test_training_follows_stock_loss_curve(family, backend):
@@ -325,12 +337,18 @@ def test_gpu_bf16_matches_stock(family_name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family_name", sorted(FAMILIES))
-def test_gpu_fp32_generation_matches_stock(family_name):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_gpu_fp32_generation_matches_stock(family_name, cache):
     torch.backends.cuda.matmul.allow_tf32 = False
     stock, patched = stock_and_patched(family_name, device="cuda")
-    ids, mask = left_padded_batch(device="cuda", length=7)
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(patched.generate(ids, **kwargs), stock.generate(ids, **kwargs))
+    padded, mask = left_padded_batch(device="cuda", length=7)
+    unpadded = torch.randint(3, VOCAB, (2, 7), device="cuda")  # no mask: see test_static_cache_generation_matches_stock
+    for ids, kwargs in ((padded, dict(attention_mask=mask)), (unpadded, {})):
+        kwargs.update(max_new_tokens=12, cache_implementation=cache)
+        expected_tokens, expected_logits = generation_with_scores(stock, ids, **kwargs)
+        tokens, logits = generation_with_scores(patched, ids, **kwargs)
+        assert torch.equal(tokens, expected_tokens)
+        assert rel_err(logits, expected_logits) < 1e-4
 
 
 @pytest.mark.gpu
@@ -455,6 +473,23 @@ def test_plain_sliding_window_builds_no_mask_and_others_do():
     assert torch.equal(accel_triton_mask(**chunked), sdpa_mask(**chunked))
     no_skip = dict(window, allow_is_causal_skip=False)  # packed sequences, or/and mask functions
     assert torch.equal(accel_triton_mask(**no_skip), sdpa_mask(**no_skip))
+
+
+@pytest.mark.parametrize("q_len", [1, 3, 8])
+def test_no_mask_means_what_sdpa_is_causal_means(q_len, backend):
+    """HF passes no mask where SDPA's own ``is_causal`` gives the right answer: several queries aligned with the first
+    keys (a prefill into an empty static cache, whose later slots are empty), or one query that sees every key."""
+    from accel_patch.model_adapters.hf_attention import accel_triton_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    module = torch.nn.Module()
+    module.is_causal = True
+    got, _ = accel_triton_attention(module, q, k, v, None, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=q_len > 1, scale=0.25, enable_gqa=True
+    ).transpose(1, 2)
+    assert rel_err(got, expected) < 1e-5
 
 
 @pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
