@@ -96,13 +96,24 @@ def test_explicit_position_ids_match(family, backend):
     assert rel_err(patched(ids, position_ids=position_ids).logits, expected) < 1e-4
 
 
+def generation_with_scores(model, ids, **kwargs):
+    """Greedy generation's tokens and the logits of every step (tokens alone can hide wrong logits)."""
+    out = model.generate(ids, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                         **kwargs)  # fmt: skip
+    return out.sequences, torch.stack(out.scores)
+
+
 def test_generation_matches_stock(family, backend):
     stock, patched = stock_and_patched(family)
     ids, mask = left_padded_batch(length=7)
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0)
-    for mode in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
-        expected = stock.generate(ids, **kwargs, **mode)
-        assert torch.equal(patched.generate(ids, **kwargs, **mode), expected), mode
+    kwargs = dict(attention_mask=mask, max_new_tokens=8)
+    expected_tokens, expected_logits = generation_with_scores(stock, ids, **kwargs)
+    tokens, logits = generation_with_scores(patched, ids, **kwargs)
+    assert torch.equal(tokens, expected_tokens)
+    assert rel_err(logits, expected_logits) < 1e-4
+    kwargs["pad_token_id"] = 0
+    expected = stock.generate(ids, **kwargs, num_beams=2, do_sample=False)
+    assert torch.equal(patched.generate(ids, **kwargs, num_beams=2, do_sample=False), expected)
     torch.manual_seed(5)
     expected = stock.generate(ids, **kwargs, do_sample=True, top_k=20)
     torch.manual_seed(5)
@@ -118,13 +129,6 @@ def test_packed_sequences_match_separate_runs(backend):
     position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
     separate = torch.cat([stock(first).logits, stock(second).logits], dim=1)
     assert rel_err(patched(packed, position_ids=position_ids, use_cache=False).logits, separate) < 1e-4
-
-
-def generation_with_scores(model, ids, **kwargs):
-    """Greedy generation's tokens and the logits of every step (tokens alone can hide wrong logits)."""
-    out = model.generate(ids, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
-                         **kwargs)  # fmt: skip
-    return out.sequences, torch.stack(out.scores)
 
 
 def test_static_cache_generation_matches_stock(family, backend):
