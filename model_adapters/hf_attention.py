@@ -35,9 +35,10 @@ def accel_triton_attention(
         )
     dense = key_padding = None
     window = None
+    causal = getattr(module, "is_causal", True)
     if attention_mask is None:
         window = sliding_window  # a 4-D mask already carries the window, with the cache's true positions
-        if 1 < query.shape[2] < key.shape[2]:
+        if causal and 1 < query.shape[2] < key.shape[2]:
             # HF leaves the mask out here only for a prefill into an empty static cache (transformers 5.23 does),
             # counting on SDPA's upper-left alignment: the keys past the queries are empty slots no query sees.
             key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
@@ -52,7 +53,7 @@ def accel_triton_attention(
     if dense is not None and dense.shape[-1] != key.shape[2]:
         dense = dense[..., : key.shape[2]]  # HF may build masks over a longer (static) cache
     output = attention(
-        query, key, value, causal=getattr(module, "is_causal", True), sliding_window=window,
+        query, key, value, causal=causal, sliding_window=window,
         key_padding_mask=key_padding, attn_mask=dense, scale=scaling,
     )  # fmt: skip
     return output, None

@@ -480,18 +480,20 @@ def test_plain_sliding_window_builds_no_mask_and_others_do():
 
 
 @pytest.mark.parametrize("q_len", [1, 3, 8])
-def test_no_mask_means_what_sdpa_is_causal_means(q_len, backend):
+@pytest.mark.parametrize("is_causal", [True, False])
+def test_no_mask_means_what_sdpa_is_causal_means(q_len, is_causal, backend):
     """HF passes no mask where SDPA's own ``is_causal`` gives the right answer: several queries aligned with the first
-    keys (a prefill into an empty static cache, whose later slots are empty), or one query that sees every key."""
+    keys (a prefill into an empty static cache, whose later slots are empty), or one query that sees every key; a
+    module that is not causal (cross-attention) sees every key."""
     from accel_patch.model_adapters.hf_attention import accel_triton_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
     module = torch.nn.Module()
-    module.is_causal = True
+    module.is_causal = is_causal
     got, _ = accel_triton_attention(module, q, k, v, None, scaling=0.25)
     expected = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=q_len > 1, scale=0.25, enable_gqa=True
+        q, k, v, is_causal=is_causal and q_len > 1, scale=0.25, enable_gqa=True
     ).transpose(1, 2)
     assert rel_err(got, expected) < 1e-5
 
