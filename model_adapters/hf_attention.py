@@ -1,9 +1,10 @@
 """The Triton attention kernel as an HF attention function, registered as ``attn_implementation="accel_triton"``.
 
 HF passes each attention function the mask built for the model's attention implementation: a 4-D boolean
-(SDPA style), a 4-D additive float (eager), a 2-D padding mask (flash style), or None where SDPA's own
-``is_causal`` is exact. All four are accepted. The kernel aligns its queries with the last keys; SDPA's
-``is_causal`` aligns them with the first, which differs only for several queries over more keys (see below).
+(SDPA style), a 4-D additive float (eager), a 2-D padding mask (flash style; over a static cache it covers only
+the filled slots), or None where SDPA's own ``is_causal`` is exact. All four are accepted. The kernel aligns its
+queries with the last keys; SDPA's ``is_causal`` aligns them with the first, which differs only for several queries
+over more keys (see below).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def accel_triton_attention(
             key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
     elif attention_mask.dim() == 2:
         key_padding = attention_mask
+        if key_padding.shape[1] < key.shape[2]:
+            # HF's flash-style mask over a static cache covers only the slots filled so far; the rest are empty
+            key, value = key[:, :, : key_padding.shape[1]], value[:, :, : key_padding.shape[1]]
     elif attention_mask.dtype == torch.bool:
         dense = attention_mask
     else:

@@ -14,7 +14,7 @@ from accel_patch import SUPPORTED_MODEL_TYPES, force_backend, patch_model, quant
 from accel_patch.model_adapters import modules
 from accel_patch.model_adapters.modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
 
-from helpers import backends_for, loss_curve, rel_err
+from helpers import TRITON_ON_CPU, backends_for, loss_curve, rel_err
 
 VOCAB = 128
 COMMON = dict(
@@ -496,6 +496,62 @@ def test_no_mask_means_what_sdpa_is_causal_means(q_len, is_causal, backend):
         q, k, v, is_causal=is_causal and q_len > 1, scale=0.25, enable_gqa=True
     ).transpose(1, 2)
     assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_flash_style_mask_over_a_static_cache(q_len, backend):
+    """A 2-D (flash-style) mask shorter than the keys covers a static cache's filled slots only (HF's
+    ``flash_attention_mask``): the queries are the last of those slots, and the empty ones after them are unseen."""
+    from accel_patch.model_adapters.hf_attention import accel_triton_attention
+
+    torch.manual_seed(0)
+    filled, slots = 6, 10
+    q, k, v = torch.randn(2, 4, q_len, 16), torch.randn(2, 2, slots, 16), torch.randn(2, 2, slots, 16)
+    padding = torch.ones(2, filled, dtype=torch.bool)
+    padding[1, :2] = False  # left padding in the second row
+    module = torch.nn.Module()
+    module.is_causal = True
+    got, _ = accel_triton_attention(module, q, k, v, padding, scaling=0.25)
+    causal = torch.ones(q_len, filled, dtype=torch.bool).tril(filled - q_len)
+    visible = causal[None, None] & padding[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k[:, :, :filled], v[:, :, :filled], attn_mask=visible, scale=0.25, enable_gqa=True
+    ).transpose(1, 2)
+    assert rel_err(got, expected) < 1e-5
+
+
+def assert_flash_style_generation_matches_stock(device: str, padded: bool) -> None:
+    """A model under a flash-style attention implementation (HF then builds 2-D masks, or none) generates as stock
+    does once patched, with dynamic and static caches, where our kernels run (elsewhere the patched model keeps
+    HF's flash attention, which needs the flash-attn package; building its masks does not)."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").to(device).eval()
+    flash_style = copy.deepcopy(stock)
+    for module in flash_style.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "flash_attention_2"
+    patched = patch_model(flash_style)
+    ids, mask = left_padded_batch(device=device, length=7)
+    kwargs = dict(attention_mask=mask if padded else torch.ones_like(mask), max_new_tokens=6)
+    for cache in ("dynamic", "static"):
+        expected_tokens, expected_logits = generation_with_scores(stock, ids, cache_implementation=cache, **kwargs)
+        tokens, logits = generation_with_scores(patched, ids, cache_implementation=cache, **kwargs)
+        assert torch.equal(tokens, expected_tokens)
+        assert rel_err(logits, expected_logits) < 1e-4
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="runs our kernels on the CPU: set TRITON_INTERPRET=1")
+@pytest.mark.parametrize("padded", [False, True])
+def test_flash_style_masks_generate_like_stock(padded):
+    with force_backend("triton"):
+        assert_flash_style_generation_matches_stock("cpu", padded)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_gpu_flash_style_masks_generate_like_stock(padded):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert_flash_style_generation_matches_stock("cuda", padded)
 
 
 @pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
