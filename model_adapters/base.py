@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..kernels._backend import use_triton
-from .hf_attention import ATTENTION_NAME
+from .hf_attention import ATTENTION_NAME, KERNEL_READS_MASKS_OF
 from .modules import (
     PRE_NORM_LAYER_CHILDREN,
     Attention,
@@ -113,7 +113,8 @@ def patch_decoder(
             )
             swapped["attention"] += int(attention)
             swapped["rope"] += int(rope)
-    if attention and any(adapter.sliding_window(config, i) for i in range(len(decoder.layers))):
+    windows = any(adapter.sliding_window(config, i) for i in range(len(decoder.layers)))
+    if attention and (windows or config._attn_implementation not in KERNEL_READS_MASKS_OF):
         _build_masks_for_the_kernel(decoder)
     return swapped
 
@@ -125,8 +126,9 @@ _STOCK_IMPLEMENTATION = "_accel_patch_stock_attn_implementation"
 def _build_masks_for_the_kernel(decoder: nn.Module) -> None:
     """Have HF build this decoder's masks with the ``accel_triton`` mask function. Under ``sdpa`` HF writes a
     sliding window into a dense ``[seq, seq]`` mask, which the kernel must then read in every block; ours leaves
-    a plain window out, and the kernel applies the layer's window itself, skipping the blocks outside it. Only
-    where the kernels run: elsewhere the stock attention path, and its own masks, stay as loaded. (The patched
+    a plain window out, and the kernel applies the layer's window itself, skipping the blocks outside it. Also for
+    an implementation whose masks the kernel cannot read (flex attention builds BlockMasks). Only where the kernels
+    run: elsewhere the stock attention path, and its own masks, stay as loaded. (The patched
     attention's fallback then is ``accel_triton``'s, which takes the reference path off CUDA.)"""
     first = next(decoder.parameters(), None)
     config = decoder.config

@@ -15,6 +15,8 @@ from torch import nn
 from ..kernels import attention
 
 ATTENTION_NAME = "accel_triton"  # no "flash"/"sdpa"/"flex" in it: those names take special paths in HF
+# implementations whose masks HF builds as tensors (or None), which the kernel reads; flex attention's are BlockMasks
+KERNEL_READS_MASKS_OF = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", ATTENTION_NAME)
 
 
 def accel_triton_attention(
@@ -33,6 +35,13 @@ def accel_triton_attention(
         raise ValueError(
             f"the accel_triton attention kernel has no dropout, but dropout={dropout} was requested while training; "
             "set config.attention_dropout=0.0, or patch_model(model, attention=False) to keep HF's attention"
+        )
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        raise TypeError(
+            f"the accel_triton attention kernel reads tensor masks, not a {type(attention_mask).__name__} (what HF "
+            f"builds for attn_implementation={implementation!r}); patch_model the model on the device it will run "
+            "on, so that HF builds masks the kernel reads, or load it with attn_implementation='sdpa'"
         )
     dense = key_padding = None
     window = None

@@ -520,17 +520,20 @@ def test_flash_style_mask_over_a_static_cache(q_len, backend):
     assert rel_err(got, expected) < 1e-5
 
 
-def assert_flash_style_generation_matches_stock(device: str, padded: bool) -> None:
-    """A model under a flash-style attention implementation (HF then builds 2-D masks, or none) generates as stock
-    does once patched, with dynamic and static caches, where our kernels run (elsewhere the patched model keeps
-    HF's flash attention, which needs the flash-attn package; building its masks does not)."""
+def assert_generation_matches_stock_under(implementation: str, device: str, padded: bool) -> None:
+    """A model loaded for another attention implementation generates as stock (SDPA) does once patched, with dynamic
+    and static caches, where our kernels run. Flash style: HF builds 2-D masks, or none (only the name matters: the
+    flash-attn package is needed by HF's flash attention, which the kernel replaces, not by its masks). Flex: HF
+    would build BlockMasks, which the kernel cannot read, so patching has HF build ours while patched."""
     torch.manual_seed(0)
     stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").to(device).eval()
-    flash_style = copy.deepcopy(stock)
-    for module in flash_style.modules():
+    other = copy.deepcopy(stock)
+    for module in other.modules():
         if hasattr(module, "config"):
-            module.config._attn_implementation = "flash_attention_2"
-    patched = patch_model(flash_style)
+            module.config._attn_implementation = implementation
+    patched = patch_model(other)
+    reads_its_masks = implementation.startswith("flash")
+    assert patched.config._attn_implementation == (implementation if reads_its_masks else "accel_triton")
     ids, mask = left_padded_batch(device=device, length=7)
     kwargs = dict(attention_mask=mask if padded else torch.ones_like(mask), max_new_tokens=6)
     for cache in ("dynamic", "static"):
@@ -538,20 +541,40 @@ def assert_flash_style_generation_matches_stock(device: str, padded: bool) -> No
         tokens, logits = generation_with_scores(patched, ids, cache_implementation=cache, **kwargs)
         assert torch.equal(tokens, expected_tokens)
         assert rel_err(logits, expected_logits) < 1e-4
+    unpatch_model(patched)
+    assert patched.config._attn_implementation == implementation
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="runs our kernels on the CPU: set TRITON_INTERPRET=1")
 @pytest.mark.parametrize("padded", [False, True])
-def test_flash_style_masks_generate_like_stock(padded):
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_flash_and_flex_models_generate_like_stock(implementation, padded):
     with force_backend("triton"):
-        assert_flash_style_generation_matches_stock("cpu", padded)
+        assert_generation_matches_stock_under(implementation, "cpu", padded)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("padded", [False, True])
-def test_gpu_flash_style_masks_generate_like_stock(padded):
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_gpu_flash_and_flex_models_generate_like_stock(implementation, padded):
     torch.backends.cuda.matmul.allow_tf32 = False
-    assert_flash_style_generation_matches_stock("cuda", padded)
+    assert_generation_matches_stock_under(implementation, "cuda", padded)
+
+
+def test_a_mask_the_kernel_cannot_read_is_refused_by_name(backend):
+    """A flex BlockMask reaching the kernel (a flex model patched where the kernels did not run, then moved) is
+    refused with the way out, not misread."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from accel_patch.model_adapters.hf_attention import accel_triton_attention
+
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    module = torch.nn.Module()
+    module.is_causal, module.config = True, tiny_config("llama")
+    module.config._attn_implementation = "flex_attention"
+    block_mask = create_block_mask(lambda b, h, q_idx, k_idx: q_idx >= k_idx, None, None, 8, 8, device="cpu")
+    with pytest.raises(TypeError, match="tensor masks, not a BlockMask.*flex_attention.*attn_implementation='sdpa'"):
+        accel_triton_attention(module, q, k, k, block_mask)
 
 
 @pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
