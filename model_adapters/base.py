@@ -127,8 +127,8 @@ def _build_masks_for_the_kernel(decoder: nn.Module) -> None:
     """Have HF build this decoder's masks with the ``accel_triton`` mask function. Under ``sdpa`` HF writes a
     sliding window into a dense ``[seq, seq]`` mask, which the kernel must then read in every block; ours leaves
     a plain window out, and the kernel applies the layer's window itself, skipping the blocks outside it. Also for
-    an implementation whose masks the kernel cannot read (flex attention builds BlockMasks). Only where the kernels
-    run: elsewhere the stock attention path, and its own masks, stay as loaded. (The patched
+    an implementation whose masks do not tell the kernel everything (``KERNEL_READS_MASKS_OF``). Only where the
+    kernels run: elsewhere the stock attention path, and its own masks, stay as loaded. (The patched
     attention's fallback then is ``accel_triton``'s, which takes the reference path off CUDA.)"""
     first = next(decoder.parameters(), None)
     config = decoder.config

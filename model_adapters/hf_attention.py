@@ -15,8 +15,10 @@ from torch import nn
 from ..kernels import attention
 
 ATTENTION_NAME = "accel_triton"  # no "flash"/"sdpa"/"flex" in it: those names take special paths in HF
-# implementations whose masks HF builds as tensors (or None), which the kernel reads; flex attention's are BlockMasks
-KERNEL_READS_MASKS_OF = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", ATTENTION_NAME)
+# Implementations whose masks tell the kernel everything. Flex attention's are BlockMasks; flash attention's are
+# 2-D padding masks or None, and leave out packed sequences' boundaries (HF's flash attention reads them from the
+# position ids instead).
+KERNEL_READS_MASKS_OF = ("sdpa", "eager", ATTENTION_NAME)
 
 
 def accel_triton_attention(

@@ -520,11 +520,12 @@ def test_flash_style_mask_over_a_static_cache(q_len, backend):
     assert rel_err(got, expected) < 1e-5
 
 
-def assert_generation_matches_stock_under(implementation: str, device: str, padded: bool) -> None:
-    """A model loaded for another attention implementation generates as stock (SDPA) does once patched, with dynamic
-    and static caches, where our kernels run. Flash style: HF builds 2-D masks, or none (only the name matters: the
-    flash-attn package is needed by HF's flash attention, which the kernel replaces, not by its masks). Flex: HF
-    would build BlockMasks, which the kernel cannot read, so patching has HF build ours while patched."""
+def assert_patched_model_matches_stock_under(implementation: str, device: str, padded: bool) -> None:
+    """A model loaded for another attention implementation, once patched, generates as stock (SDPA) does with dynamic
+    and static caches, and runs packed sequences as separate ones, where our kernels run. HF would build flex
+    attention BlockMasks, and flash attention 2-D masks that leave out packed sequences' boundaries, so patching has
+    HF build SDPA-style masks while patched (only the name matters: the flash-attn package is needed by HF's flash
+    attention, which the kernel replaces, not by its masks)."""
     torch.manual_seed(0)
     stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").to(device).eval()
     other = copy.deepcopy(stock)
@@ -532,8 +533,7 @@ def assert_generation_matches_stock_under(implementation: str, device: str, padd
         if hasattr(module, "config"):
             module.config._attn_implementation = implementation
     patched = patch_model(other)
-    reads_its_masks = implementation.startswith("flash")
-    assert patched.config._attn_implementation == (implementation if reads_its_masks else "accel_triton")
+    assert patched.config._attn_implementation == "accel_triton"
     ids, mask = left_padded_batch(device=device, length=7)
     kwargs = dict(attention_mask=mask if padded else torch.ones_like(mask), max_new_tokens=6)
     for cache in ("dynamic", "static"):
@@ -541,6 +541,11 @@ def assert_generation_matches_stock_under(implementation: str, device: str, padd
         tokens, logits = generation_with_scores(patched, ids, cache_implementation=cache, **kwargs)
         assert torch.equal(tokens, expected_tokens)
         assert rel_err(logits, expected_logits) < 1e-4
+    first, second = torch.randint(3, VOCAB, (1, 9), device=device), torch.randint(3, VOCAB, (1, 6), device=device)
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None].to(device)
+    separate = torch.cat([stock(first).logits, stock(second).logits], dim=1)
+    packed = patched(torch.cat([first, second], dim=1), position_ids=position_ids, use_cache=False).logits
+    assert rel_err(packed, separate) < 1e-4
     unpatch_model(patched)
     assert patched.config._attn_implementation == implementation
 
@@ -548,17 +553,17 @@ def assert_generation_matches_stock_under(implementation: str, device: str, padd
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="runs our kernels on the CPU: set TRITON_INTERPRET=1")
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
-def test_flash_and_flex_models_generate_like_stock(implementation, padded):
+def test_flash_and_flex_models_match_stock(implementation, padded):
     with force_backend("triton"):
-        assert_generation_matches_stock_under(implementation, "cpu", padded)
+        assert_patched_model_matches_stock_under(implementation, "cpu", padded)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
-def test_gpu_flash_and_flex_models_generate_like_stock(implementation, padded):
+def test_gpu_flash_and_flex_models_match_stock(implementation, padded):
     torch.backends.cuda.matmul.allow_tf32 = False
-    assert_generation_matches_stock_under(implementation, "cuda", padded)
+    assert_patched_model_matches_stock_under(implementation, "cuda", padded)
 
 
 def test_a_mask_the_kernel_cannot_read_is_refused_by_name(backend):
