@@ -38,12 +38,14 @@ def accel_triton_attention(
             f"the accel_triton attention kernel has no dropout, but dropout={dropout} was requested while training; "
             "set config.attention_dropout=0.0, or patch_model(model, attention=False) to keep HF's attention"
         )
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-        raise TypeError(
-            f"the accel_triton attention kernel reads tensor masks, not a {type(attention_mask).__name__} (what HF "
-            f"builds for attn_implementation={implementation!r}); patch_model the model on the device it will run "
-            "on, so that HF builds masks the kernel reads, or load it with attn_implementation='sdpa'"
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if implementation is not None and implementation not in KERNEL_READS_MASKS_OF:
+        # patch_model switches such models to our masks where the kernels run; this one moved there after patching
+        raise ValueError(
+            f"the masks HF builds for attn_implementation={implementation!r} do not tell the accel_triton kernel "
+            "everything (flash: packed sequences' boundaries; flex: BlockMasks); the model was patched where the "
+            "Triton kernels do not run: call accel_patch.patch_model(model) again now that it is on the GPU, "
+            "or load it with attn_implementation='sdpa'"
         )
     dense = key_padding = None
     window = None

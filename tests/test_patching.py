@@ -566,20 +566,26 @@ def test_gpu_flash_and_flex_models_match_stock(implementation, padded):
     assert_patched_model_matches_stock_under(implementation, "cuda", padded)
 
 
-def test_a_mask_the_kernel_cannot_read_is_refused_by_name(backend):
-    """A flex BlockMask reaching the kernel (a flex model patched where the kernels did not run, then moved) is
-    refused with the way out, not misread."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    from accel_patch.model_adapters.hf_attention import accel_triton_attention
-
-    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
-    module = torch.nn.Module()
-    module.is_causal, module.config = True, tiny_config("llama")
-    module.config._attn_implementation = "flex_attention"
-    block_mask = create_block_mask(lambda b, h, q_idx, k_idx: q_idx >= k_idx, None, None, 8, 8, device="cpu")
-    with pytest.raises(TypeError, match="tensor masks, not a BlockMask.*flex_attention.*attn_implementation='sdpa'"):
-        accel_triton_attention(module, q, k, k, block_mask)
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="runs our kernels on the CPU: set TRITON_INTERPRET=1")
+def test_a_flash_model_patched_before_the_kernels_could_run_is_refused_then_repatched():
+    """Patched where the kernels do not run, a flash-style model keeps HF's masks; once the kernels run (moved to the
+    GPU; here, the interpreter switched on), its masks would hide packed sequences' boundaries from the kernel:
+    refused, naming the way out, which then works."""
+    stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").eval()
+    model = copy.deepcopy(stock)
+    for module in model.modules():
+        if hasattr(module, "config"):
+            module.config._attn_implementation = "flash_attention_2"
+    with force_backend("reference"):
+        patch_model(model)
+    assert model.config._attn_implementation == "flash_attention_2"
+    ids = torch.randint(3, VOCAB, (1, 9))
+    with force_backend("triton"):
+        with pytest.raises(ValueError, match="flash_attention_2.*packed sequences.*patch_model\\(model\\) again"):
+            model(ids)
+        patch_model(model)
+        assert model.config._attn_implementation == "accel_triton"
+        assert rel_err(model(ids).logits, stock(ids).logits) < 1e-4
 
 
 @pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
