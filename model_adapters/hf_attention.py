@@ -39,8 +39,7 @@ def accel_triton_attention(
             "set config.attention_dropout=0.0, or patch_model(model, attention=False) to keep HF's attention"
         )
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    paged_cache = kwargs.get("cache")
-    if paged_cache is None and implementation is not None and implementation not in KERNEL_READS_MASKS_OF:
+    if implementation is not None and implementation not in KERNEL_READS_MASKS_OF:
         # patch_model switches such models to our masks where the kernels run; this one moved there after patching
         raise ValueError(
             f"the masks HF builds for attn_implementation={implementation!r} do not tell the accel_triton kernel "
@@ -51,16 +50,6 @@ def accel_triton_attention(
     dense = key_padding = None
     window = None
     causal = getattr(module, "is_causal", True)
-    if paged_cache is not None:
-        # generate_batch (continuous batching) hands the attention HF's paged cache to update, as HF's SDPA does. The
-        # requests' keys then sit side by side, not behind their queries: the mask alone says which keys each sees.
-        if kwargs.get("block_table") is not None:
-            raise ValueError(
-                "the accel_triton attention kernel cannot read a block-table paged cache (continuous batching under "
-                "flash attention); run generate_batch with attn_implementation='sdpa', or unpatch_model first"
-            )
-        key, value = paged_cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
-        causal = causal and attention_mask is None
     if attention_mask is None:
         window = sliding_window  # a 4-D mask already carries the window, with the cache's true positions
         if causal and 1 < query.shape[2] < key.shape[2]:

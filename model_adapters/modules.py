@@ -233,7 +233,9 @@ class Attention(KernelModule):
         query, key = self.rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
-        if self.use_attention_kernel and use_triton(query):
+        # Continuous batching (generate_batch) hands HF's attention function a paged cache to update and read, in a
+        # way that changes between transformers versions: that function keeps it.
+        if self.use_attention_kernel and use_triton(query) and kwargs.get("cache") is None:
             attention = accel_triton_attention
         else:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager_attention)

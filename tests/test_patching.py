@@ -588,34 +588,33 @@ def test_a_flash_model_patched_before_the_kernels_could_run_is_refused_then_repa
         assert rel_err(model(ids).logits, stock(ids).logits) < 1e-4
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_continuous_batching_generates_like_stock(implementation, backend):
-    """``generate_batch`` hands the attention HF's paged cache to update, with the requests' keys side by side and a
-    mask saying which each query sees; greedy tokens match stock's one-request-at-a-time ``generate``."""
+def assert_continuous_batching_generates_like_stock(implementation: str, device: str) -> None:
+    """``generate_batch`` hands the attention HF's paged cache to update and read: the patched model leaves that to
+    HF's attention function, and its greedy tokens match stock's one-request-at-a-time ``generate``."""
     from transformers import GenerationConfig
 
     torch.manual_seed(0)
     config = tiny_config("llama", initializer_range=0.5)  # larger weights: tokens that vary from step to step
-    stock = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+    stock = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).to(device).eval()
     prompts = [torch.randint(3, VOCAB, (length,)).tolist() for length in (5, 9)]
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    expected = [stock.generate(torch.tensor([p]), **greedy)[0, len(p) :].tolist() for p in prompts]
+    expected = [stock.generate(torch.tensor([p], device=device), **greedy)[0, len(p) :].tolist() for p in prompts]
     patched = patch_model(copy.deepcopy(stock))
     generation_config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
     results = patched.generate_batch(prompts, generation_config=generation_config, progress_bar=False)
     assert [result.generated_tokens for result in results.values()] == expected
 
 
-def test_a_block_table_paged_cache_is_refused_by_name():
-    """Continuous batching under flash attention leaves the cache to the attention through a block table, which the
-    kernel cannot read: refused, not computed over the new keys alone."""
-    from accel_patch.model_adapters.hf_attention import accel_triton_attention
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_continuous_batching_generates_like_stock(implementation, backend):
+    assert_continuous_batching_generates_like_stock(implementation, "cpu")
 
-    q = torch.randn(1, 2, 4, 16)
-    module = torch.nn.Module()
-    module.is_causal, module.layer_idx = True, 0
-    with pytest.raises(ValueError, match="block-table paged cache.*attn_implementation='sdpa'"):
-        accel_triton_attention(module, q, q, q, None, cache=object(), block_table=torch.zeros(1, 1, dtype=torch.int32))
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_gpu_continuous_batching_generates_like_stock(implementation):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert_continuous_batching_generates_like_stock(implementation, "cuda")
 
 
 @pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
