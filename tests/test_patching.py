@@ -120,15 +120,18 @@ def test_generation_matches_stock(family, backend):
     assert torch.equal(patched.generate(ids, **kwargs, do_sample=True, top_k=20), expected)
 
 
-def test_packed_sequences_match_separate_runs(backend):
-    # Padding-free training: sequences concatenated in one row, position_ids restarting at each start
-    # (HF derives a block-diagonal mask from the restarts when no cache is in play).
-    stock, patched = stock_and_patched("qwen3")
-    first, second = torch.randint(3, VOCAB, (1, 9)), torch.randint(3, VOCAB, (1, 6))
+def assert_packed_sequences_run_as_separate_ones(stock, patched, device="cpu") -> None:
+    """Padding-free training: sequences concatenated in one row, position_ids restarting at each start (HF derives a
+    block-diagonal mask from the restarts when no cache is in play)."""
+    first, second = torch.randint(3, VOCAB, (1, 9), device=device), torch.randint(3, VOCAB, (1, 6), device=device)
     packed = torch.cat([first, second], dim=1)
-    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None].to(device)
     separate = torch.cat([stock(first).logits, stock(second).logits], dim=1)
     assert rel_err(patched(packed, position_ids=position_ids, use_cache=False).logits, separate) < 1e-4
+
+
+def test_packed_sequences_match_separate_runs(backend):
+    assert_packed_sequences_run_as_separate_ones(*stock_and_patched("qwen3"))
 
 
 def test_static_cache_generation_matches_stock(family, backend):
@@ -520,18 +523,24 @@ def test_flash_style_mask_over_a_static_cache(q_len, backend):
     assert rel_err(got, expected) < 1e-5
 
 
-def assert_patched_model_matches_stock_under(implementation: str, device: str, padded: bool) -> None:
-    """A model loaded for another attention implementation, once patched, generates as stock (SDPA) does with dynamic
-    and static caches, and runs packed sequences as separate ones, where our kernels run. HF would build flex
-    attention BlockMasks, and flash attention 2-D masks that leave out packed sequences' boundaries, so patching has
-    HF build SDPA-style masks while patched (only the name matters: the flash-attn package is needed by HF's flash
-    attention, which the kernel replaces, not by its masks)."""
+def sdpa_model_and_copy_loaded_for(implementation: str, device: str = "cpu"):
+    """A stock SDPA LLaMA and a copy whose configs name ``implementation``: HF builds masks by that name alone, so
+    flash-attn is not needed to see what a flash model's attention receives."""
     torch.manual_seed(0)
     stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").to(device).eval()
     other = copy.deepcopy(stock)
     for module in other.modules():
         if hasattr(module, "config"):
             module.config._attn_implementation = implementation
+    return stock, other
+
+
+def assert_patched_model_matches_stock_under(implementation: str, device: str, padded: bool) -> None:
+    """A model loaded for another attention implementation, once patched, generates as stock (SDPA) does with dynamic
+    and static caches, and runs packed sequences as separate ones, where our kernels run. HF would build flex
+    attention BlockMasks, and flash attention 2-D masks that leave out packed sequences' boundaries, so patching has
+    HF build SDPA-style masks while patched."""
+    stock, other = sdpa_model_and_copy_loaded_for(implementation, device)
     patched = patch_model(other)
     assert patched.config._attn_implementation == "accel_triton"
     ids, mask = left_padded_batch(device=device, length=7)
@@ -541,11 +550,7 @@ def assert_patched_model_matches_stock_under(implementation: str, device: str, p
         tokens, logits = generation_with_scores(patched, ids, cache_implementation=cache, **kwargs)
         assert torch.equal(tokens, expected_tokens)
         assert rel_err(logits, expected_logits) < 1e-4
-    first, second = torch.randint(3, VOCAB, (1, 9), device=device), torch.randint(3, VOCAB, (1, 6), device=device)
-    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None].to(device)
-    separate = torch.cat([stock(first).logits, stock(second).logits], dim=1)
-    packed = patched(torch.cat([first, second], dim=1), position_ids=position_ids, use_cache=False).logits
-    assert rel_err(packed, separate) < 1e-4
+    assert_packed_sequences_run_as_separate_ones(stock, patched, device)
     unpatch_model(patched)
     assert patched.config._attn_implementation == implementation
 
@@ -571,11 +576,7 @@ def test_a_flash_model_patched_before_the_kernels_could_run_is_refused_then_repa
     """Patched where the kernels do not run, a flash-style model keeps HF's masks; once the kernels run (moved to the
     GPU; here, the interpreter switched on), its masks would hide packed sequences' boundaries from the kernel:
     refused, naming the way out, which then works."""
-    stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa").eval()
-    model = copy.deepcopy(stock)
-    for module in model.modules():
-        if hasattr(module, "config"):
-            module.config._attn_implementation = "flash_attention_2"
+    stock, model = sdpa_model_and_copy_loaded_for("flash_attention_2")
     with force_backend("reference"):
         patch_model(model)
     assert model.config._attn_implementation == "flash_attention_2"
