@@ -129,11 +129,25 @@ def autocast_cast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, .
 # graph whole.
 
 
+_REAL_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def tracing(*args: object) -> bool:
+    """True while torch.compile traces. ``torch.compiler.is_compiling()`` alone misses one case: AOTAutograd
+    traces a custom op's backward through the autograd engine, which runs CUDA backwards on its own device thread,
+    where that flag reads False; the tensors there are fake (and functional) subclasses, whose data Triton cannot
+    reach. So any tensor subclass also counts (Parameters aside): the registered op is right for every tensor, only
+    slower on the host."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(type(a) not in _REAL_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
+
+
 def eager_or_compiled(op: Callable, impl: Callable) -> Callable:
-    """Call ``impl`` in eager mode and the registered custom ``op`` while torch.compile traces."""
+    """Call ``impl`` in eager mode and the registered custom ``op`` while torch.compile traces (:func:`tracing`)."""
 
     def call(*args):
-        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+        return op(*args) if tracing(*args) else impl(*args)
 
     return call
 

@@ -37,6 +37,7 @@ from ._backend import (
     check_same_device,
     differentiable,
     eager_or_compiled,
+    tracing,
     use_triton,
 )
 from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
@@ -304,7 +305,7 @@ def _backward(ctx, dloss, _dgrad_hidden, _dgrad_weight):
     grad_hidden, grad_weight = ctx.saved_tensors
     if dloss is None:
         return None, None, None, None, None, None, None
-    if torch.compiler.is_compiling():
+    if tracing(grad_hidden, grad_weight, dloss):
         grad_hidden, grad_weight = grad_hidden * dloss.to(grad_hidden.dtype), grad_weight * dloss.to(grad_weight.dtype)
     else:
         # In place: a scaled copy would hold a second [vocab, hidden] gradient at the memory peak. The stored

@@ -17,6 +17,7 @@ from accel_patch.kernels import (
     swiglu,
     swiglu_linear,
 )
+from accel_patch.kernels._backend import tracing
 
 from helpers import CPU_DTYPES, TOL, backends_for, rel_err
 
@@ -466,6 +467,17 @@ def test_backend_choice_and_override(monkeypatch):
         choose_backend(torch.device("cpu"))
     with pytest.raises(ValueError, match="not one of"), force_backend("cuda"):
         pass
+
+
+def test_fake_tensors_count_as_tracing():
+    """AOTAutograd traces CUDA backwards on the autograd engine's thread, where ``is_compiling()`` reads False:
+    its fake tensors alone must send the ops to their registered form (tests/test_patching.py runs that case)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = torch.randn(2)
+    fake = FakeTensorMode().from_tensor(real)
+    assert tracing(real, fake)
+    assert not tracing(real, torch.nn.Parameter(real), 3, None)
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
