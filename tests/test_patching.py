@@ -344,6 +344,18 @@ def test_compiled_training_step_matches_stock(family_name, backend):
     assert_compiled_training_step_matches_stock(family_name, "cpu", "aot_eager")
 
 
+def test_compiled_static_cache_generation_matches_stock(backend):
+    stock, patched = stock_and_patched("qwen3")
+    torch._dynamo.reset()
+    patched.forward = torch.compile(patched.forward, backend="aot_eager")
+    ids, mask = left_padded_batch(length=7)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, cache_implementation="static")
+    expected_tokens, expected_logits = generation_with_scores(stock, ids, **kwargs)
+    tokens, logits = generation_with_scores(patched, ids, **kwargs)
+    assert torch.equal(tokens, expected_tokens)
+    assert rel_err(logits, expected_logits) < 1e-4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family_name", ["llama", "qwen3"])
 def test_gpu_compiled_training_step_matches_stock(family_name):
