@@ -46,6 +46,13 @@ def stock_and_patched(family: str, dtype=torch.float32, device="cpu", **patch_fl
     return stock, patched
 
 
+def assert_gradients_match(patched, stock, bound: float) -> None:
+    """Every parameter's gradient in ``patched`` within ``bound`` relative error of the same-named one in ``stock``."""
+    stock_params = dict(stock.named_parameters())
+    for name, param in patched.named_parameters():
+        assert rel_err(param.grad, stock_params[name].grad) < bound, name
+
+
 def left_padded_batch(device="cpu", length=20):
     ids = torch.randint(3, VOCAB, (3, length), device=device)
     mask = torch.ones_like(ids)
@@ -83,9 +90,7 @@ def test_logits_and_gradients_match_stock(family, backend):
     assert abs(out_patched.loss.item() - out_stock.loss.item()) <= 1e-4 * out_stock.loss.item()
     out_stock.loss.backward()
     out_patched.loss.backward()
-    stock_params = dict(stock.named_parameters())
-    for name, param in patched.named_parameters():
-        assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
+    assert_gradients_match(patched, stock, 1e-4)
 
 
 def test_explicit_position_ids_match(family, backend):
@@ -162,9 +167,7 @@ def test_gradient_checkpointing_matches(backend):
     ids = torch.randint(3, VOCAB, (2, 10))
     stock(ids, labels=ids).loss.backward()
     patched(ids, labels=ids).loss.backward()
-    stock_params = dict(stock.named_parameters())
-    for name, param in patched.named_parameters():
-        assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
+    assert_gradients_match(patched, stock, 1e-4)
 
 
 def test_residual_add_is_fused_into_the_post_attention_norm(monkeypatch, backend):
@@ -184,9 +187,7 @@ def test_residual_add_is_fused_into_the_post_attention_norm(monkeypatch, backend
     for model in (stock, patched):
         model(ids, labels=ids).loss.backward()
     assert sum(fused_calls) == len(patched.model.layers)
-    stock_params = dict(stock.named_parameters())
-    for name, param in patched.named_parameters():
-        assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
+    assert_gradients_match(patched, stock, 1e-4)
     fused_calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = [model(ids, labels=ids).loss for model in (stock, patched)]
@@ -334,9 +335,7 @@ def assert_compiled_training_step_matches_stock(family: str, device: str, compil
     assert abs(got.item() - expected.item()) <= 1e-4 * expected.item()
     expected.backward()
     got.backward()
-    stock_params = dict(stock.named_parameters())
-    for name, param in patched.named_parameters():
-        assert rel_err(param.grad, stock_params[name].grad) < 1e-4, name
+    assert_gradients_match(patched, stock, 1e-4)
 
 
 @pytest.mark.parametrize("family_name", ["llama", "qwen3"])  # a tied head; q/k norms and sliding windows
@@ -378,9 +377,7 @@ def test_gpu_bf16_matches_stock(family_name):
     ids = torch.randint(3, VOCAB, (4, 64), device="cuda")
     stock(ids, labels=ids).loss.backward()
     patched(ids, labels=ids).loss.backward()
-    stock_params = dict(stock.named_parameters())
-    for name, param in patched.named_parameters():
-        assert rel_err(param.grad, stock_params[name].grad) < 5e-2, name
+    assert_gradients_match(patched, stock, 5e-2)
 
 
 @pytest.mark.gpu
