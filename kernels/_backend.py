@@ -152,6 +152,51 @@ def eager_or_compiled(op: Callable, impl: Callable) -> Callable:
     return call
 
 
+OP_NAMESPACE = "accel_patch"
+_fallbacks_declared = False
+
+
+def declare_inductor_fallbacks() -> None:
+    """Tell inductor, once, to run every ``accel_patch`` op as a fallback kernel, as it would decide by itself on
+    meeting each one (same layout constraint), but before it lowers a graph. Deciding by itself, it first logs the
+    op's arguments, and formatting them prints their IR recursively, shared inputs once per path: for an op first
+    met deep in a graph (the loss, after the last decoder layer) the whole graph as a tree, exponential in its
+    depth. Torch before 2.13 formats that line even with the log off: compiling the patched 16-layer LLaMA-3.2-1B
+    config on an H100 had not finished after 9 minutes (torch 2.11); later versions pay it with inductor's info
+    logs on. Our ops' fake implementations call this (see :func:`register_fake`), before inductor runs."""
+    global _fallbacks_declared
+    if _fallbacks_declared:
+        return
+    _fallbacks_declared = True
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    for name in torch._C._dispatch_get_all_op_names():
+        namespace, _, op_name = name.partition("::")
+        if namespace != OP_NAMESPACE:
+            continue
+        op = getattr(getattr(torch.ops, namespace), op_name).default
+        if op not in lowering.lowerings:
+            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+
+
+def register_fake(op) -> Callable[[Callable], Callable]:
+    """Decorator: ``op.register_fake(fake)``, the fake implementation (which runs while torch.compile traces, before
+    inductor lowers the graph) first calling :func:`declare_inductor_fallbacks`."""
+
+    def decorate(fake: Callable) -> Callable:
+        @functools.wraps(fake)
+        def fake_after_declaring(*args, **kwargs):
+            declare_inductor_fallbacks()
+            return fake(*args, **kwargs)
+
+        op.register_fake(fake_after_declaring)
+        return fake
+
+    return decorate
+
+
 def differentiable(op, impl: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """Register ``backward`` on the custom ``op`` and return a caller that uses the same autograd
     formula through an ``autograd.Function`` in eager mode (and the bare ``impl`` when nothing needs a

@@ -21,6 +21,7 @@ from ._backend import (
     differentiable,
     eager_or_compiled,
     interpreting,
+    register_fake,
     sm_count,
     tile_choices,
     unit_last_stride,
@@ -811,13 +812,13 @@ _forward_op = torch.library.custom_op("accel_patch::attention", _forward, mutate
 _backward_op = torch.library.custom_op("accel_patch::attention_backward", _backward_impl, mutates_args=())
 
 
-@_forward_op.register_fake
+@register_fake(_forward_op)
 def _(q, k, v, attn_mask, key_padding_mask, causal, window, scale):
     batch, n_q, seq_q, head_dim = q.shape
     return q.new_empty((batch, seq_q, n_q, head_dim)), q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
 
 
-@_backward_op.register_fake
+@register_fake(_backward_op)
 def _(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 

@@ -27,6 +27,7 @@ from ._backend import (
     differentiable,
     eager_or_compiled,
     interpreting,
+    register_fake,
     sm_count,
     tile_choices,
     unit_last_stride,
@@ -417,12 +418,12 @@ _forward_op = torch.library.custom_op("accel_patch::int8_linear", _forward, muta
 _grad_input_op = torch.library.custom_op("accel_patch::int8_linear_grad_input", _grad_input_impl, mutates_args=())
 
 
-@_forward_op.register_fake
+@register_fake(_forward_op)
 def _(x, weight_int8, scale, bias):
     return x.new_empty((*x.shape[:-1], weight_int8.shape[0]))
 
 
-@_grad_input_op.register_fake
+@register_fake(_grad_input_op)
 def _(dy, weight_int8, scale):
     return dy.new_empty((*dy.shape[:-1], weight_int8.shape[1]))
 

@@ -37,6 +37,7 @@ from ._backend import (
     check_same_device,
     differentiable,
     eager_or_compiled,
+    register_fake,
     tracing,
     use_triton,
 )
@@ -286,7 +287,7 @@ def _forward(
 _forward_op = torch.library.custom_op("accel_patch::linear_cross_entropy", _forward, mutates_args=())
 
 
-@_forward_op.register_fake
+@register_fake(_forward_op)
 def _(hidden, weight, labels, num_items, ignore_index, hidden_grad, weight_grad):
     grad_hidden = torch.empty_like(hidden) if hidden_grad else hidden.new_empty((0,))
     grad_weight = torch.empty_like(weight) if weight_grad else weight.new_empty((0,))

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import as_rows, check_float, check_same_device, differentiable, eager_or_compiled, sm_count, use_triton
+from ._backend import (
+    as_rows,
+    check_float,
+    check_same_device,
+    differentiable,
+    eager_or_compiled,
+    register_fake,
+    sm_count,
+    use_triton,
+)
 from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 MAX_WIDTH = 65536  # one row is held in registers by one program
@@ -205,14 +214,14 @@ _forward_op = torch.library.custom_op("accel_patch::rms_norm", _forward, mutates
 _backward_op = torch.library.custom_op("accel_patch::rms_norm_backward", _backward_impl, mutates_args=())
 
 
-@_forward_op.register_fake
+@register_fake(_forward_op)
 def _(x, weight, residual, eps):
     y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
     h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     return y, h, x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
 
 
-@_backward_op.register_fake
+@register_fake(_backward_op)
 def _(dy, dh, x, weight, rstd):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import check_float, check_same_device, differentiable, eager_or_compiled, unit_last_stride, use_triton
+from ._backend import (
+    check_float,
+    check_same_device,
+    differentiable,
+    eager_or_compiled,
+    register_fake,
+    unit_last_stride,
+    use_triton,
+)
 from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
 
 
@@ -127,7 +135,7 @@ def _forward(
 _rope_op = torch.library.custom_op("accel_patch::apply_rope", _forward, mutates_args=())
 
 
-@_rope_op.register_fake
+@register_fake(_rope_op)
 def _(q, k, cos, sin, backward):
     return _out_like(q), _out_like(k)
 

@@ -22,6 +22,7 @@ from ._backend import (
     check_same_device,
     differentiable,
     eager_or_compiled,
+    register_fake,
     use_triton,
 )
 from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
@@ -144,12 +145,12 @@ _forward_op = torch.library.custom_op("accel_patch::swiglu", _forward, mutates_a
 _backward_op = torch.library.custom_op("accel_patch::swiglu_backward", _backward_impl, mutates_args=())
 
 
-@_forward_op.register_fake
+@register_fake(_forward_op)
 def _(gate, up):
     return gate.new_empty(gate.shape)
 
 
-@_backward_op.register_fake
+@register_fake(_backward_op)
 def _(dy, gate, up, with_output):
     return gate.new_empty(gate.shape), up.new_empty(up.shape), gate.new_empty(gate.shape if with_output else (0,))
 
@@ -203,7 +204,7 @@ def _linear_forward(
 _linear_forward_op = torch.library.custom_op("accel_patch::swiglu_linear", _linear_forward, mutates_args=())
 
 
-@_linear_forward_op.register_fake
+@register_fake(_linear_forward_op)
 def _(gate, up, weight, bias, residual):
     return gate.new_empty((*gate.shape[:-1], weight.shape[0]))
 

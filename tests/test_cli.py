@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -73,3 +74,18 @@ print("triton" in sys.modules and sys.modules["triton"] is None, err)
     assert backend_line == "('reference', 'triton is not installed')"
     hidden, err = result_line.split()
     assert hidden == "True" and float(err) < 1e-5
+
+
+def test_checkout_root_on_sys_path_keeps_one_copy_of_the_kernels():
+    """From a checkout's root (on sys.path), transformers imports this repo's kernels/ as "kernels" while probing
+    for its hub package of that name. That copy must stay empty: its modules would register our custom ops again,
+    in place of accel_patch's."""
+    script = """
+import sys
+import transformers.modeling_utils  # probes for the hub package "kernels"
+import accel_patch
+print("kernels" in sys.modules, sorted(name for name in sys.modules if name.startswith("kernels.")))
+"""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True []"  # probed (as transformers 5.x does), and nothing under it imported

@@ -1,11 +1,13 @@
 """Each kernel (Triton and reference backends) against an independent float64 formula, fwd and bwd."""
 
 import importlib
+import logging
 
 import pytest
 import torch
 
 from accel_patch.kernels import (
+    _backend,
     apply_rope,
     attention,
     attention_ref,
@@ -506,6 +508,47 @@ def test_ops_compile_fullgraph(backend):
     # the GEMMs (random inputs put one element of 72 at 2e-5 relative once in many runs)
     for a, b in zip(got_grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_runs_our_ops_as_declared_fallbacks():
+    """Inductor must not decide by itself to run our ops as fallbacks: deciding, it logs the op's arguments, and
+    formatting them for an op first met deep in a graph (the loss after 16 decoder layers) outlasted the compile
+    itself (torch < 2.13 formats that line even with the log off; here the log is on to show the decision)."""
+    from torch._inductor import lowering
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ours = [op for op in list(lowering.lowerings) if getattr(op, "namespace", None) == _backend.OP_NAMESPACE]
+    for op in ours:  # undo any earlier compile in this process, so that this one must declare them again
+        del lowering.lowerings[op]
+    _backend._fallbacks_declared = False
+    FakeTensorMode.cache_clear()  # cached fake results would skip our fake implementations, which declare them
+
+    def chain(x, w, gate, up):
+        for _ in range(3):
+            normed, x = rms_norm(x, w, 1e-6, residual=x)
+        return swiglu(gate, up).sum() + normed.square().sum()  # swiglu first met after the chain
+
+    torch._dynamo.reset()
+    args = [torch.randn(4, 16), torch.rand(16) + 0.5, torch.randn(4, 24), torch.randn(4, 24)]
+    log = logging.getLogger("torch._inductor.graph")  # torch's loggers do not propagate to pytest's capture
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    no_caches = {"fx_graph_cache": False, "fx_graph_remote_cache": False}  # a cache hit would skip the lowering
+    try:
+        with force_backend("reference"), torch._inductor.config.patch(no_caches):
+            expected = chain(*args)
+            got = torch.compile(chain, backend="inductor")(*args)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    torch.testing.assert_close(got, expected)
+    decided = [message for message in messages if "Creating implicit fallback" in message]
+    assert not [message for message in decided if _backend.OP_NAMESPACE in message], decided
+    assert all(getattr(torch.ops.accel_patch, name).default in lowering.lowerings for name in ("rms_norm", "swiglu"))
 
 
 # ---------------------------------------------------------------- cached launches (GPU: the interpreter has none)
