@@ -1,6 +1,6 @@
 """Training step (forward + backward) of ~1B-parameter configs, random init, bf16, batch 4 x 2048, side by side:
 stock HF (sdpa), Liger-Kernel (rope + rms_norm + swiglu, and with its fused linear cross-entropy), torch.compile of
-the stock model, and ours (patch_model: every kernel, fused linear cross-entropy included).
+the stock model, ours (patch_model: every kernel, fused linear cross-entropy included), and ours compiled.
 
 Every variant runs the step as a training loop does, ``use_cache=False``: otherwise HF builds a KV cache in
 training too, copying every layer's keys and values into it. Each variant runs in its own process: Liger patches
@@ -38,7 +38,8 @@ CONFIGS = {  # family, config fields
 }  # fmt: skip
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256)  # fmt: skip
-VARIANTS = ["HF sdpa", "Liger rope+rms_norm+swiglu", "Liger + fused linear CE", "torch.compile", "ours"]
+VARIANTS = ["HF sdpa", "Liger rope+rms_norm+swiglu", "Liger + fused linear CE", "torch.compile", "ours",
+            "ours + torch.compile"]
 
 
 def build(config_name: str, variant: str, tiny: bool, device: str) -> torch.nn.Module:
@@ -55,10 +56,12 @@ def build(config_name: str, variant: str, tiny: bool, device: str) -> torch.nn.M
                                                           fused_linear_cross_entropy=fused, model=model)  # fmt: skip
     elif variant == "torch.compile":
         model = torch.compile(model)
-    elif variant == "ours":
+    elif variant.startswith("ours"):
         import accel_patch
 
         accel_patch.patch_model(model)
+        if variant == "ours + torch.compile":
+            model = torch.compile(model)
     return model.train()
 
 
