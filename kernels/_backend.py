@@ -168,16 +168,20 @@ def declare_inductor_fallbacks() -> None:
     if _fallbacks_declared:
         return
     _fallbacks_declared = True
-    from torch._inductor import lowering
-    from torch._library.utils import get_layout_constraint_tag
+    try:  # inductor's internals: on a torch without these, inductor decides by itself as before
+        from torch._inductor import lowering
+        from torch._library.utils import get_layout_constraint_tag
 
+        to_constraint = lowering.tag_to_layout_constraint
+    except (ImportError, AttributeError):
+        return
     for name in torch._C._dispatch_get_all_op_names():
         namespace, _, op_name = name.partition("::")
         if namespace != OP_NAMESPACE:
             continue
         op = getattr(getattr(torch.ops, namespace), op_name).default
         if op not in lowering.lowerings:
-            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            constraint = to_constraint(get_layout_constraint_tag(op, with_default=True))
             lowering.make_fallback(op, layout_constraint=constraint, warn=False)
 
 
