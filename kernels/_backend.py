@@ -153,21 +153,17 @@ def eager_or_compiled(op: Callable, impl: Callable) -> Callable:
 
 
 OP_NAMESPACE = "accel_patch"
-_fallbacks_declared = False
 
 
+@functools.cache  # once per process
 def declare_inductor_fallbacks() -> None:
-    """Tell inductor, once, to run every ``accel_patch`` op as a fallback kernel, as it would decide by itself on
+    """Tell inductor to run every ``accel_patch`` op as a fallback kernel, as it would decide by itself on
     meeting each one (same layout constraint), but before it lowers a graph. Deciding by itself, it first logs the
     op's arguments, and formatting them prints their IR recursively, shared inputs once per path: for an op first
     met deep in a graph (the loss, after the last decoder layer) the whole graph as a tree, exponential in its
     depth. Torch before 2.13 formats that line even with the log off: compiling the patched 16-layer LLaMA-3.2-1B
     config on an H100 had not finished after 9 minutes (torch 2.11); later versions pay it with inductor's info
     logs on. Our ops' fake implementations call this (see :func:`register_fake`), before inductor runs."""
-    global _fallbacks_declared
-    if _fallbacks_declared:
-        return
-    _fallbacks_declared = True
     try:  # inductor's internals: on a torch without these, inductor decides by itself as before
         from torch._inductor import lowering
         from torch._library.utils import get_layout_constraint_tag
@@ -179,7 +175,7 @@ def declare_inductor_fallbacks() -> None:
         namespace, _, op_name = name.partition("::")
         if namespace != OP_NAMESPACE:
             continue
-        op = getattr(getattr(torch.ops, namespace), op_name).default
+        op = getattr(getattr(torch.ops, OP_NAMESPACE), op_name).default
         if op not in lowering.lowerings:
             constraint = to_constraint(get_layout_constraint_tag(op, with_default=True))
             lowering.make_fallback(op, layout_constraint=constraint, warn=False)

@@ -520,7 +520,7 @@ def test_inductor_runs_our_ops_as_declared_fallbacks():
     ours = [op for op in list(lowering.lowerings) if getattr(op, "namespace", None) == _backend.OP_NAMESPACE]
     for op in ours:  # undo any earlier compile in this process, so that this one must declare them again
         del lowering.lowerings[op]
-    _backend._fallbacks_declared = False
+    _backend.declare_inductor_fallbacks.cache_clear()
     FakeTensorMode.cache_clear()  # cached fake results would skip our fake implementations, which declare them
 
     def chain(x, w, gate, up):
