@@ -6,14 +6,19 @@ attention functions return. Queries are the last ``seq_q`` positions of the keys
 Masks: causal, sliding window (HF's semantics: key ``j`` is seen by query ``i`` when
 ``i - window < j <= i``), a 2-D key padding mask, and a dense boolean mask ``[batch or 1, 1, seq_q, seq_k]``
 (what HF builds for SDPA: padding, windows and static-cache positions in one). A query row with no visible
-key outputs zeros.
+key outputs zeros. The user masks (padding, dense) are read only in the blocks where they hide something: a pass
+over them per forward finds, per 128 queries (keys), the span of keys (queries) they hide anything from, and the
+kernels split their loops around it; outside it, blocks run the unmasked loop.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from ._backend import (
     check_float,
@@ -45,6 +50,10 @@ TMA_TILES = {
     "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
 }
 LONG_QUERIES = {64: 8192, 128: 4096}
+# Every tile side in the lists below divides this: sequences of a multiple of it have no ragged tile.
+LARGEST_TILE = 128
+# The masks' spans (see _hidden_span) are kept per MASK_CELL queries or keys: every tile lies in one cell.
+MASK_CELL = tl.constexpr(LARGEST_TILE)
 
 
 @triton.jit
@@ -76,7 +85,7 @@ def _load_tile(ptrs, rows_ok, d_ok, CHECK_ROWS: tl.constexpr, CHECK_D: tl.conste
 @triton.jit
 def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
-             KEYS_AS_ROWS: tl.constexpr = False):
+             WHOLE_TILES: tl.constexpr, KEYS_AS_ROWS: tl.constexpr = False):
     """Boolean tile: which keys each query may attend to; [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with
     ``KEYS_AS_ROWS`` (the dK/dV kernel's transposed scores)."""
     if KEYS_AS_ROWS:
@@ -86,15 +95,20 @@ def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q
         queries = offs_m[:, None]
         keys = offs_n[None, :]
     q_pos = queries + q_offset
-    ok = (keys < seq_k) & (queries < seq_q)
+    in_range = (keys < seq_k) & (queries < seq_q)
+    ok = in_range
     if IS_CAUSAL:
         ok &= keys <= q_pos
     if HAS_WINDOW:
         ok &= keys > q_pos - window
     if HAS_KPM:
         ok &= tl.load(KPM + b * skpm_b + keys, mask=keys < seq_k, other=0) != 0
-    if HAS_MASK:
-        ok &= tl.load(MASK + b * sm_b + queries * sm_q + keys * sm_k, mask=ok, other=0) != 0
+    if HAS_MASK:  # bounded by the tile's range only, and whole tiles not at all: loads that can be vectorised
+        mask_ptrs = MASK + b * sm_b + queries * sm_q + keys * sm_k
+        if WHOLE_TILES:
+            ok &= tl.load(mask_ptrs) != 0
+        else:
+            ok &= tl.load(mask_ptrs, mask=in_range, other=0) != 0
     return ok
 
 
@@ -112,15 +126,35 @@ def _key_range(start_m, seq_k, q_offset, window, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _stage_range(stage: tl.constexpr, lo, full_lo, full_hi, hi):
-    """Blocks of one stage: 0 = [lo, full_lo) and 2 = [full_hi, hi) need masks, 1 = [full_lo, full_hi) none."""
+def _stage_range(stage: tl.constexpr, lo, full_lo, span_lo, span_hi, full_hi, hi):
+    """Blocks of one stage. The even stages need masking: 0 = [lo, full_lo) and 4 = [full_hi, hi) for causality,
+    the window and the sequences' ends, 2 = [span_lo, span_hi) for the user masks (:func:`_masked_span`); the odd
+    ones, 1 = [full_lo, span_lo) and 3 = [span_hi, full_hi), none."""
     if stage == 0:
         start, end = lo, full_lo
     elif stage == 1:
-        start, end = full_lo, full_hi
+        start, end = full_lo, span_lo
+    elif stage == 2:
+        start, end = span_lo, span_hi
+    elif stage == 3:
+        start, end = span_hi, full_hi
     else:
         start, end = full_hi, hi
     return start, end
+
+
+@triton.jit
+def _masked_span(SPANS, b, cell, ss_b, full_lo, full_hi, USER_MASKS: tl.constexpr):
+    """The part of the whole blocks [full_lo, full_hi) where a user mask hides something from cell ``cell`` (of
+    MASK_CELL queries, or keys for the dK/dV kernel): ``SPANS[b, cell]`` is the first and past-the-last position
+    of the cells that do, from :func:`_hidden_span`."""
+    span_lo = full_hi
+    span_hi = full_hi
+    if USER_MASKS:
+        entry = SPANS + b * ss_b + cell * 2
+        span_lo = tl.minimum(tl.maximum(tl.load(entry), full_lo), full_hi)
+        span_hi = tl.maximum(tl.minimum(tl.load(entry + 1), full_hi), span_lo)
+    return span_lo, span_hi
 
 
 @triton.jit
@@ -146,9 +180,8 @@ def _attn_fwd_blocks(
     WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax over key blocks [lo, hi). Off the boundary (BOUNDARY=False) every key is in range and
-    visible, so without a user mask the block needs no bounds, no masking and no empty-row guard. With ``TMA``,
+    visible, user masks included, so the block needs no bounds, no masking and no empty-row guard. With ``TMA``,
     ``k_base`` and ``v_base`` are the K and V tensor descriptors."""
-    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
     CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
@@ -165,9 +198,9 @@ def _attn_fwd_blocks(
             v = _load_tile(v_base + keys[:, None] * sv_s + offs_d[None, :], k_ok[:, None], d_ok[None, :],
                            CHECK_ROWS, BLOCK_D != HEAD_DIM)
             s = tl.dot(q, k, input_precision=DOT_PRECISION)  # unscaled: the scale rides in exp2's argument (an FMA)
-        if MASKED:
+        if BOUNDARY:
             ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, WHOLE_TILES)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # base-2 running maximum
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -224,9 +257,9 @@ def _autotune(for_head_dim_up_to_128, for_head_dim_256, tma_tiles, long_tma_tile
 )
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, OUT, LSE, MASK, KPM,
+    Q, K, V, OUT, LSE, MASK, KPM, SPANS,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_s, so_h,
-    sm_b, sm_q, sm_k, skpm_b,
+    sm_b, sm_q, sm_k, skpm_b, ss_b,
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -253,14 +286,18 @@ def _attn_fwd_kernel(
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
-    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # the window's edge, the whole blocks, the diagonal
-        stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
-        acc, m_i, l_i = _attn_fwd_blocks(
-            acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
-            b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES, TMA,
-            DOT_PRECISION,
-        )  # fmt: skip
+    USER_MASKS: tl.constexpr = HAS_MASK or HAS_KPM
+    span_lo, span_hi = _masked_span(SPANS, b, start_m // MASK_CELL, ss_b, full_lo, full_hi, USER_MASKS)
+    # the window's edge, whole blocks, the user masks' span, whole blocks, the diagonal
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 5):
+        if USER_MASKS or stage < 2 or stage == 4:
+            stage_lo, stage_hi = _stage_range(stage, lo, full_lo, span_lo, span_hi, full_hi, hi)
+            acc, m_i, l_i = _attn_fwd_blocks(
+                acc, m_i, l_i, q, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
+                b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage % 2 == 0, WHOLE_TILES,
+                TMA, DOT_PRECISION,
+            )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if TMA:  # rows past the end are clipped by the copy engine
@@ -300,7 +337,6 @@ def _attn_bwd_dkdv_blocks(
     # Scores are computed transposed, keys as rows (S^T = K Q^T), so that P^T and dS^T come out of their dots in
     # the layout the dV and dK dots take as their left operand: no transposes of register tiles. With TMA,
     # q_base and do_base are the Q and dO tensor descriptors.
-    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
     CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
@@ -322,9 +358,9 @@ def _attn_bwd_dkdv_blocks(
             delta = tl.load(DELTA + row_base + offs_m)
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
-        if MASKED:
+        if BOUNDARY:
             ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, KEYS_AS_ROWS=True)
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, WHOLE_TILES, KEYS_AS_ROWS=True)
             p_t = tl.where(ok, p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -347,9 +383,9 @@ _DKDV_SHAPES = ((64, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3))
 @_autotune(_DKDV_SHAPES, _BWD_SHAPES_256, TMA_TILES["dkdv"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM,
+    Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, SPANS,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_s, sdo_h,
-    sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s, sm_b, sm_q, sm_k, skpm_b,
+    sdk_b, sdk_h, sdk_s, sdv_b, sdv_h, sdv_s, sm_b, sm_q, sm_k, skpm_b, ss_b,
     n_q_heads, n_kv_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -376,20 +412,25 @@ def _attn_bwd_dkdv_kernel(
         hi = tl.maximum(lo, tl.minimum(seq_q, start_n + BLOCK_N - 1 + window - q_offset))
     full_lo, full_hi = _full_query_blocks(start_n, lo, hi, seq_q, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                           IS_CAUSAL, HAS_WINDOW)
+    USER_MASKS: tl.constexpr = HAS_MASK or HAS_KPM
+    span_lo, span_hi = _masked_span(SPANS, b, start_n // MASK_CELL, ss_b, full_lo, full_hi, USER_MASKS)
+    TAIL: tl.constexpr = HAS_WINDOW or not WHOLE_TILES
     for g in range(0, group):
         h = kv_h * group + g
         q_base = _head_base(Q, b, h, sq_b, sq_h, TMA)
         do_base = _head_base(DO, b, h, sdo_b, sdo_h, TMA)
         row_base = (b * n_q_heads + h) * seq_q
-        # the causal diagonal, the whole blocks, the window's edge and the ragged tail (none with whole tiles)
-        for stage in tl.static_range(2 if WHOLE_TILES and not HAS_WINDOW else 3):
-            stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
-            dk, dv = _attn_bwd_dkdv_blocks(
-                dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, stage_lo, stage_hi,
-                b, h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES, TMA,
-                DOT_PRECISION,
-            )  # fmt: skip
+        # the causal diagonal, whole blocks, the user masks' span, whole blocks, and the window's edge and the
+        # ragged tail (none with whole tiles)
+        for stage in tl.static_range(5):
+            if (USER_MASKS or stage < 2 or stage == 4) and (TAIL or stage < 4):
+                stage_lo, stage_hi = _stage_range(stage, lo, full_lo, span_lo, span_hi, full_hi, hi)
+                dk, dv = _attn_bwd_dkdv_blocks(
+                    dk, dv, k, v, keys, q_base, do_base, row_base, LSE, DELTA, sq_s, sdo_s, offs_d, stage_lo,
+                    stage_hi, b, h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage % 2 == 0,
+                    WHOLE_TILES, TMA, DOT_PRECISION,
+                )  # fmt: skip
     dk_ptrs = DK + b * sdk_b + kv_h * sdk_h + keys[:, None] * sdk_s + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     dv_ptrs = DV + b * sdv_b + kv_h * sdv_h + keys[:, None] * sdv_s + offs_d[None, :]
@@ -404,7 +445,6 @@ def _attn_bwd_dq_blocks(
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, BOUNDARY: tl.constexpr,
     WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    MASKED: tl.constexpr = BOUNDARY or HAS_MASK or HAS_KPM
     CHECK_ROWS: tl.constexpr = BOUNDARY and not WHOLE_TILES
     d_ok = (offs_d < HEAD_DIM)[None, :]
     for start_n in range(lo, hi, BLOCK_N):
@@ -420,9 +460,9 @@ def _attn_bwd_dq_blocks(
                            BLOCK_D != HEAD_DIM)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
-        if MASKED:
+        if BOUNDARY:
             ok = _visible(offs_m, keys, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM)
+                          IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, WHOLE_TILES)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -434,9 +474,9 @@ def _attn_bwd_dq_blocks(
 @_autotune(_BWD_SHAPES, _BWD_SHAPES_256, TMA_TILES["dq"])
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, OUT, DO, LSE, DELTA, DQ, MASK, KPM,
+    Q, K, V, OUT, DO, LSE, DELTA, DQ, MASK, KPM, SPANS,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_s, so_h, sdo_b, sdo_s, sdo_h, sdq_b, sdq_h, sdq_s,
-    sm_b, sm_q, sm_k, skpm_b,
+    sm_b, sm_q, sm_k, skpm_b, ss_b,
     n_q_heads, group, seq_q, seq_k, q_offset, window, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -466,14 +506,17 @@ def _attn_bwd_dq_kernel(
     lo, hi = _key_range(start_m, seq_k, q_offset, window, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     full_lo, full_hi = _full_key_blocks(start_m, lo, hi, seq_k, q_offset, window, BLOCK_M, BLOCK_N,
                                         IS_CAUSAL, HAS_WINDOW)
-    for stage in tl.static_range(0 if HAS_WINDOW else 1, 3):  # as forward: no window, no window's edge
-        stage_lo, stage_hi = _stage_range(stage, lo, full_lo, full_hi, hi)
-        dq = _attn_bwd_dq_blocks(
-            dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
-            b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
-            HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage != 1, WHOLE_TILES, TMA,
-            DOT_PRECISION,
-        )  # fmt: skip
+    USER_MASKS: tl.constexpr = HAS_MASK or HAS_KPM
+    span_lo, span_hi = _masked_span(SPANS, b, start_m // MASK_CELL, ss_b, full_lo, full_hi, USER_MASKS)
+    for stage in tl.static_range(0 if HAS_WINDOW else 1, 5):  # as forward
+        if USER_MASKS or stage < 2 or stage == 4:
+            stage_lo, stage_hi = _stage_range(stage, lo, full_lo, span_lo, span_hi, full_hi, hi)
+            dq = _attn_bwd_dq_blocks(
+                dq, q, do, lse, delta, k_base, v_base, sk_s, sv_s, offs_m, offs_d, stage_lo, stage_hi,
+                b, kv_h, seq_q, seq_k, q_offset, window, qk_scale, MASK, sm_b, sm_q, sm_k, KPM, skpm_b,
+                HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_MASK, HAS_KPM, stage % 2 == 0, WHOLE_TILES,
+                TMA, DOT_PRECISION,
+            )  # fmt: skip
     dq_ptrs = DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_s + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -569,8 +612,79 @@ def _mask_args(attn_mask, key_padding_mask, q):
     return mask, strides, kpm, kpm_stride
 
 
-# Every tile side in the lists above divides this: sequences of a multiple of it have no ragged tile.
-LARGEST_TILE = 128
+def _cell_min(visible: torch.Tensor, dim: int) -> torch.Tensor:
+    """The minimum of a 0/1 ``visible`` over cells of ``MASK_CELL`` along ``dim`` (negative); past the end, 1."""
+    pad = -visible.shape[dim] % LARGEST_TILE
+    if pad:
+        visible = F.pad(visible, (0, 0) * (-1 - dim) + (0, pad), value=1)
+    return visible.unflatten(dim, (-1, LARGEST_TILE)).amin(dim)
+
+
+def _hidden_cells(attn_mask, key_padding_mask, q) -> torch.Tensor | None:
+    """Boolean ``[batch, query cells, key cells]`` over cells of ``MASK_CELL`` queries x keys: True where a user
+    mask hides any key from any query of the cell (None without masks). One pass over each mask."""
+    hidden = None
+    if attn_mask is not None:
+        hidden = _cell_min(_cell_min(attn_mask[:, 0].view(torch.uint8), -1), -2) == 0
+    if key_padding_mask is not None:
+        padded = (_cell_min((key_padding_mask != 0).view(torch.uint8), -1) == 0)[:, None, :]
+        hidden = padded if hidden is None else hidden | padded
+    return None if hidden is None else hidden.expand(q.shape[0], cdiv(q.shape[2], LARGEST_TILE), -1)
+
+
+def _hidden_span(hidden: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 ``[batch, cells, 2]``: for each cell of the other dim, the first and past-the-last positions of the
+    cells along ``dim`` where ``hidden`` (an empty span where none). Along the keys (-1), what the forward and dQ
+    kernels mask beyond the diagonal; along the queries (-2), the dK/dV kernel's. HF's dense causal masks hide
+    only the diagonal's cells there, a padded batch only its padding's."""
+    index = torch.arange(hidden.shape[dim], device=hidden.device, dtype=torch.int32)
+    index = index.view(-1, *([1] * (-1 - dim)))
+    first = torch.where(hidden, index, hidden.shape[dim]).amin(dim)
+    end = torch.where(hidden, index + 1, 0).amax(dim)
+    return (torch.stack((first, end), -1) * LARGEST_TILE).to(torch.int32)
+
+
+class _SpanMemo:
+    """The masks' spans per pair of mask tensors, while both live unmodified: HF hands every layer of a forward,
+    and the backward, the same masks, so the passes over them run once per step, not once per layer (each is a
+    dozen small ops: host time the layers' kernels would wait for). Tensors are held weakly, checked by identity
+    and version counter; a few pairs at a time (models with sliding and full layers alternate two masks)."""
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, int], tuple] = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def _state(t: torch.Tensor | None) -> tuple | None:
+        return None if t is None else (weakref.ref(t), t._version)
+
+    @staticmethod
+    def _same(state: tuple | None, t: torch.Tensor | None) -> bool:
+        return state is None if t is None else state is not None and state[0]() is t and state[1] == t._version
+
+    def spans(self, attn_mask, key_padding_mask, q) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(by query cell, by key cell)``: :func:`_hidden_span` of the masks' hidden cells along each dim."""
+        masks = (attn_mask, key_padding_mask)
+        if any(t is not None and t.is_inference() for t in masks):  # no version counter to check
+            hidden = _hidden_cells(attn_mask, key_padding_mask, q)
+            return _hidden_span(hidden, -1), _hidden_span(hidden, -2)
+        key = (id(attn_mask), id(key_padding_mask))
+        with self.lock:
+            entry = self.entries.get(key)
+        if entry is not None and entry[0] == tuple(q.shape[:3]) and all(map(self._same, entry[1], masks)):
+            return entry[2]
+        hidden = _hidden_cells(attn_mask, key_padding_mask, q)
+        spans = _hidden_span(hidden, -1), _hidden_span(hidden, -2)
+        with self.lock:
+            if len(self.entries) >= self.SIZE:
+                del self.entries[next(iter(self.entries))]
+            self.entries[key] = (tuple(q.shape[:3]), tuple(map(self._state, masks)), spans)
+        return spans
+
+
+_span_memo = _SpanMemo()
 
 
 def _flags(attn_mask, key_padding_mask, causal, window, dtype, seq_q, seq_k):
@@ -627,6 +741,8 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
     lse = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     if out.numel():
+        masked = attn_mask is not None or key_padding_mask is not None
+        spans = _span_memo.spans(attn_mask, key_padding_mask, q)[0] if masked else q  # (q: a dummy pointer)
         tma = _tma_ready(q, k, v, out)
         long_seq = tma and seq_q >= LONG_QUERIES[head_dim]
         q_, k_, v_, out_ = q, k, v, out
@@ -636,10 +752,10 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
             k_, v_ = _descriptor(k, [1, 1, block_n, head_dim]), _descriptor(v, [1, 1, block_n, head_dim])
             out_ = _descriptor(out, [1, block_m, 1, head_dim])
         _attn_fwd_kernel[lambda meta: (cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
-            q_, k_, v_, out_, lse, mask, kpm,
+            q_, k_, v_, out_, lse, mask, kpm, spans,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            sm_b, sm_q, sm_k, skpm_b,
+            sm_b, sm_q, sm_k, skpm_b, spans.stride(0),
             n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), TMA=tma, LONG_SEQ=long_seq,
             **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
@@ -706,6 +822,8 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    masked = attn_mask is not None or key_padding_mask is not None
+    spans_by_query, spans_by_key = _span_memo.spans(attn_mask, key_padding_mask, q) if masked else (q, q)
     # not without causality: Triton 3.6's ptxas crashed (SIGSEGV) compiling a non-causal TMA backward on the H100
     tma = causal and _tma_ready(q, k, v, dout)
     k_, v_, q_, dout_ = k, v, q, dout  # what the copy engine fetches: dQ's keys and values, dK/dV's queries and dO
@@ -715,19 +833,19 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
         block_m = TMA_TILES["dkdv"][head_dim][0]
         q_, dout_ = _descriptor(q, [1, 1, block_m, head_dim]), _descriptor(dout, [1, block_m, 1, head_dim])
     _attn_bwd_dq_kernel[lambda meta: (cdiv(seq_q, meta["BLOCK_M"]), batch * n_q)](
-        q, k_, v_, out, dout, lse, delta, dq, mask, kpm,
+        q, k_, v_, out, dout, lse, delta, dq, mask, kpm, spans_by_query,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b,
+        dq.stride(0), dq.stride(1), dq.stride(2), sm_b, sm_q, sm_k, skpm_b, spans_by_query.stride(0),
         n_q, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, TMA=tma, **common,
     )  # fmt: skip
     _attn_bwd_dkdv_kernel[lambda meta: (cdiv(seq_k, meta["BLOCK_N"]), batch * n_kv)](
-        q_, k, v, dout_, lse, delta, dk, dv, mask, kpm,
+        q_, k, v, dout_, lse, delta, dk, dv, mask, kpm, spans_by_key,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        sm_b, sm_q, sm_k, skpm_b,
+        sm_b, sm_q, sm_k, skpm_b, spans_by_key.stride(0),
         n_q, n_kv, n_q // n_kv, seq_q, seq_k, seq_k - seq_q, window, scale * LOG2E, scale, TMA=tma, **common,
     )  # fmt: skip
     return dq, dk, dv

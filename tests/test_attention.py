@@ -7,7 +7,7 @@ import torch
 
 from accel_patch.kernels import attention, force_backend
 
-from helpers import TOL, backends_for, rel_err
+from helpers import TOL, TRITON_ON_CPU, backends_for, rel_err
 
 
 def allowed64(seq_q, seq_k, *, causal, window, key_padding, dense, batch):
@@ -56,6 +56,10 @@ CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, mask kind); head dim
     "decode_long_padded": (2, 8, 2, 1, 300, "left_pad"),
     "decode_window": (1, 4, 1, 1, 150, "window"),
     "decode_dense_mask": (2, 4, 2, 1, 90, "dense"),
+    # masks that hide keys in some 128 x 128 cells of the kernels' block maps and not in others
+    "padding_across_cells": (2, 2, 1, 300, 300, "cell_pad"),
+    "dense_holes_across_cells": (2, 2, 1, 260, 260, "dense_holes"),
+    "dense_holes_one_for_the_batch": (2, 2, 1, 140, 270, "dense_holes_broadcast"),
 }
 
 
@@ -79,8 +83,20 @@ def _inputs(case, head_dim, dtype, device):
             else:
                 key_padding[b, seq_k - pad :] = 0
         kwargs["key_padding_mask"] = key_padding.to(device)
+    if kind == "cell_pad":  # the last cell's tail padded in one sequence, the first cell and more in the other
+        key_padding = torch.ones(batch, seq_k, dtype=torch.bool)
+        key_padding[0, -20:] = False
+        key_padding[1, :140] = False
+        kwargs["key_padding_mask"] = key_padding.to(device)
     if kind == "dense":
         dense = torch.rand(batch, 1, seq_q, seq_k, generator=gen) > 0.3
+        kwargs["attn_mask"] = dense.to(device)
+    if kind in ("dense_holes", "dense_holes_broadcast"):  # a few hidden keys, most cells whole
+        dense = torch.ones(batch if kind == "dense_holes" else 1, 1, seq_q, seq_k, dtype=torch.bool)
+        for b in range(dense.shape[0]):
+            for _ in range(3):
+                i = int(torch.randint(seq_q, (), generator=gen))
+                dense[b, 0, i, int(torch.randint(i + seq_k - seq_q + 1, (), generator=gen))] = False  # not future
         kwargs["attn_mask"] = dense.to(device)
     ok = allowed64(seq_q, seq_k, causal=kind != "none", window=window, key_padding=key_padding, dense=dense,
                    batch=batch)  # fmt: skip
@@ -115,6 +131,20 @@ def test_attention_forward_and_gradients(case, device, head_dim, dtype, backend)
             assert rel_err(ours.grad.cpu(), ref.grad) < 2 * TOL[dtype], f"d{name}"
         else:  # e.g. dq with a single visible key: zero up to rounding
             assert ours.grad.abs().max() < TOL[dtype], f"d{name} should be zero"
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="runs our kernels on the CPU: set TRITON_INTERPRET=1")
+def test_masks_changed_in_place_are_read_again():
+    """The kernels remember where a mask hides keys (per mask tensor, for the next layers): a mask edited in place
+    between calls must not be answered from that memory."""
+    (q, k, v), kwargs, _ = _inputs("dense_holes_across_cells", 16, torch.float32, "cpu")
+    mask, scale = kwargs["attn_mask"], 16**-0.5
+    with force_backend("triton"):
+        attention(q, k, v, attn_mask=mask)
+        mask[:, :, 200:, 10:40] = False  # keys hidden in a cell that hid none
+        out = attention(q, k, v, attn_mask=mask)
+    ok = allowed64(260, 260, causal=True, window=0, key_padding=None, dense=mask, batch=2)
+    assert rel_err(out, attention64(q.double(), k.double(), v.double(), ok, scale)) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("backend", backends_for("cpu"))
