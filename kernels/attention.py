@@ -648,13 +648,18 @@ class _SpanMemo:
     """The masks' spans per pair of mask tensors, while both live unmodified: HF hands every layer of a forward,
     and the backward, the same masks, so the passes over them run once per step, not once per layer (each is a
     dozen small ops: host time the layers' kernels would wait for). Tensors are held weakly, checked by identity
-    and version counter; a few pairs at a time (models with sliding and full layers alternate two masks)."""
+    and version counter; a few pairs at a time (models with sliding and full layers alternate two masks).
+
+    Eager calls only. Not while a CUDA graph is captured (its replays must recompute the spans for their masks),
+    nor inside the registered ops (:func:`_uncached`), which run in torch.compile's graphs: inductor may write a
+    new value into a dead mask's buffer, which the version counter does not see."""
 
     SIZE = 4
 
     def __init__(self) -> None:
         self.entries: dict[tuple[int, int], tuple] = {}
         self.lock = threading.Lock()
+        self.off = threading.local()  # per thread: the CUDA backward runs on the autograd engine's own
 
     @staticmethod
     def _state(t: torch.Tensor | None) -> tuple | None:
@@ -667,7 +672,10 @@ class _SpanMemo:
     def spans(self, attn_mask, key_padding_mask, q) -> tuple[torch.Tensor, torch.Tensor]:
         """``(by query cell, by key cell)``: :func:`_hidden_span` of the masks' hidden cells along each dim."""
         masks = (attn_mask, key_padding_mask)
-        if any(t is not None and t.is_inference() for t in masks):  # no version counter to check
+        if (
+            getattr(self.off, "depth", 0) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+            or any(t is not None and t.is_inference() for t in masks)  # (inference tensors: no version counter)
+        ):  # fmt: skip
             hidden = _hidden_cells(attn_mask, key_padding_mask, q)
             return _hidden_span(hidden, -1), _hidden_span(hidden, -2)
         key = (id(attn_mask), id(key_padding_mask))
@@ -685,6 +693,21 @@ class _SpanMemo:
 
 
 _span_memo = _SpanMemo()
+
+
+def _uncached(impl):
+    """``impl`` (same signature, for the op's schema) with :class:`_SpanMemo` off while it runs."""
+
+    @functools.wraps(impl)
+    def run(*args):
+        memo_off = _span_memo.off
+        memo_off.depth = getattr(memo_off, "depth", 0) + 1
+        try:
+            return impl(*args)
+        finally:
+            memo_off.depth -= 1
+
+    return run
 
 
 def _flags(attn_mask, key_padding_mask, causal, window, dtype, seq_q, seq_k):
@@ -926,8 +949,8 @@ def _backward_impl(
     return _attn_bwd_ref(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causal, window, scale)
 
 
-_forward_op = torch.library.custom_op("accel_patch::attention", _forward, mutates_args=())
-_backward_op = torch.library.custom_op("accel_patch::attention_backward", _backward_impl, mutates_args=())
+_forward_op = torch.library.custom_op("accel_patch::attention", _uncached(_forward), mutates_args=())
+_backward_op = torch.library.custom_op("accel_patch::attention_backward", _uncached(_backward_impl), mutates_args=())
 
 
 @register_fake(_forward_op)
