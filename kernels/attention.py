@@ -620,16 +620,16 @@ def _cell_min(visible: torch.Tensor, dim: int) -> torch.Tensor:
     return visible.unflatten(dim, (-1, LARGEST_TILE)).amin(dim)
 
 
-def _hidden_cells(attn_mask, key_padding_mask, q) -> torch.Tensor | None:
+def _hidden_cells(attn_mask, key_padding_mask, q) -> torch.Tensor:
     """Boolean ``[batch, query cells, key cells]`` over cells of ``MASK_CELL`` queries x keys: True where a user
-    mask hides any key from any query of the cell (None without masks). One pass over each mask."""
+    mask (at least one given) hides any key from any query of the cell. One pass over each mask."""
     hidden = None
     if attn_mask is not None:
         hidden = _cell_min(_cell_min(attn_mask[:, 0].view(torch.uint8), -1), -2) == 0
     if key_padding_mask is not None:
         padded = (_cell_min((key_padding_mask != 0).view(torch.uint8), -1) == 0)[:, None, :]
         hidden = padded if hidden is None else hidden | padded
-    return None if hidden is None else hidden.expand(q.shape[0], cdiv(q.shape[2], LARGEST_TILE), -1)
+    return hidden.expand(q.shape[0], cdiv(q.shape[2], LARGEST_TILE), -1)
 
 
 def _hidden_span(hidden: torch.Tensor, dim: int) -> torch.Tensor:
@@ -670,25 +670,28 @@ class _SpanMemo:
         return state is None if t is None else state is not None and state[0]() is t and state[1] == t._version
 
     def spans(self, attn_mask, key_padding_mask, q) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(by query cell, by key cell)``: :func:`_hidden_span` of the masks' hidden cells along each dim."""
+        """``(by query cell, by key cell)``: :func:`_hidden_span` of the masks' hidden cells along each dim;
+        ``(q, q)``, dummy pointers the kernels never read, without masks."""
         masks = (attn_mask, key_padding_mask)
-        if (
+        if attn_mask is None and key_padding_mask is None:
+            return q, q
+        remember = not (
             getattr(self.off, "depth", 0) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
             or any(t is not None and t.is_inference() for t in masks)  # (inference tensors: no version counter)
-        ):  # fmt: skip
-            hidden = _hidden_cells(attn_mask, key_padding_mask, q)
-            return _hidden_span(hidden, -1), _hidden_span(hidden, -2)
+        )  # fmt: skip
         key = (id(attn_mask), id(key_padding_mask))
-        with self.lock:
-            entry = self.entries.get(key)
-        if entry is not None and entry[0] == tuple(q.shape[:3]) and all(map(self._same, entry[1], masks)):
-            return entry[2]
+        if remember:
+            with self.lock:
+                entry = self.entries.get(key)
+            if entry is not None and entry[0] == tuple(q.shape[:3]) and all(map(self._same, entry[1], masks)):
+                return entry[2]
         hidden = _hidden_cells(attn_mask, key_padding_mask, q)
         spans = _hidden_span(hidden, -1), _hidden_span(hidden, -2)
-        with self.lock:
-            if len(self.entries) >= self.SIZE:
-                del self.entries[next(iter(self.entries))]
-            self.entries[key] = (tuple(q.shape[:3]), tuple(map(self._state, masks)), spans)
+        if remember:
+            with self.lock:
+                if len(self.entries) >= self.SIZE:
+                    del self.entries[next(iter(self.entries))]
+                self.entries[key] = (tuple(q.shape[:3]), tuple(map(self._state, masks)), spans)
         return spans
 
 
@@ -764,8 +767,7 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
     lse = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     if out.numel():
-        masked = attn_mask is not None or key_padding_mask is not None
-        spans = _span_memo.spans(attn_mask, key_padding_mask, q)[0] if masked else q  # (q: a dummy pointer)
+        spans = _span_memo.spans(attn_mask, key_padding_mask, q)[0]
         tma = _tma_ready(q, k, v, out)
         long_seq = tma and seq_q >= LONG_QUERIES[head_dim]
         q_, k_, v_, out_ = q, k, v, out
@@ -845,8 +847,7 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    masked = attn_mask is not None or key_padding_mask is not None
-    spans_by_query, spans_by_key = _span_memo.spans(attn_mask, key_padding_mask, q) if masked else (q, q)
+    spans_by_query, spans_by_key = _span_memo.spans(attn_mask, key_padding_mask, q)
     # not without causality: Triton 3.6's ptxas crashed (SIGSEGV) compiling a non-causal TMA backward on the H100
     tma = causal and _tma_ready(q, k, v, dout)
     k_, v_, q_, dout_ = k, v, q, dout  # what the copy engine fetches: dQ's keys and values, dK/dV's queries and dO
