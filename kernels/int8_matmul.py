@@ -1,12 +1,13 @@
 """W8A16 matmul: ``x @ (w_int8 * scale[:, None]).T + bias``, the int8 weight dequantized in registers (or, from
-``DEQUANT_ROWS`` rows on, in one pass ahead of cuBLAS).
+``DEQUANT_ROWS`` rows on, in one pass ahead of cuBLAS). Three kernels by row count: one row (batch-1 decode), a
+few rows (decode: split-K over small tiles), more rows (prefill: autotuned tiles); see ``DECODE_ROWS``.
 
 Weights are symmetric per-output-channel INT8 (``scale = max|w_row| / 127``); activations stay in
 float16/bfloat16/float32; products accumulate in float32 and the scale (and bias) are applied in the
 epilogue. The gradient to the input, ``dy @ (w_int8 * scale)``, runs through the same kernel with the scale
 applied along its reduction dimension; the int8 weight itself gets no gradient.
 
-From ``DEQUANT_ROWS`` rows on (prefill, training) the matmul is compute-bound and the int8 weight saves no time:
+From ``DEQUANT_ROWS`` rows on (long prefill, training) the matmul is compute-bound and the int8 weight saves no time:
 there the weight is dequantized to the activations' dtype in one pass (a transient ``[N, K]`` copy, freed after
 the call) and cuBLAS multiplies. On an H100, Triton GEMMs (TMA, 12 tile shapes) reached at best 0.76-0.84x
 cuBLAS at 2048 and 8192 rows even on bf16 weights, 0.68-0.72x with the int8 conversion inside; dequantizing first
@@ -87,30 +88,61 @@ def _store_split(acc, C, offsets, PARTIAL, COUNTERS, tile, split, splits, mn, ma
 
 
 def _tiled_configs():
-    """Tile shapes for the prefill/training kernel, autotuned per (N, K, which operand the scale runs along and
-    the row count's power of two): one small tile on the CPU interpreter."""
+    """Launch shapes of the tiled kernel (the rows it takes: see ``DECODE_ROWS``), autotuned per (N, K, which operand
+    the scale runs along, the rows' power of two): those that won somewhere in a sweep of 15 tiles x 1-8 K splits at
+    LLaMA-3-8B shapes and 64-1024 rows (H100). Small tiles with K split where the rows are few, 128 x 256 on wide
+    weights from 256 rows. The CPU interpreter: one small tile, K split in two."""
     if interpreting():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-              (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]  # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages)
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bm, bk, w, st in tile_choices(shapes)]  # fmt: skip
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 32, "SPLITS": 2}, num_warps=4, num_stages=1)]
+    shapes = [(64, 128, 128, 4, 3, 1), (64, 128, 128, 4, 3, 2), (64, 128, 128, 4, 3, 4), (64, 64, 128, 4, 3, 1),
+              (64, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 3, 2)]
+    # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages, K splits)
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "SPLITS": splits}, num_warps=w, num_stages=st)
+            for bn, bm, bk, w, st, splits in tile_choices(shapes)]  # fmt: skip
+
+
+def _split_fits(config, m_bucket: int, n: int, k: int, sms: int) -> bool:
+    """Whether ``config`` may split K at this size: one split always; more only while the tiles x splits stay
+    within two programs per SM and each split keeps >= 4 blocks of 128 along K. That bounds the float32 partial sums
+    to 2 x SMs tiles' worth. The CPU interpreter (``sms`` 0) splits anyway: its one configuration exercises the
+    split path."""
+    splits = config.kwargs["SPLITS"]
+    if splits == 1 or not sms:
+        return True
+    tiles = cdiv(m_bucket, config.kwargs["BLOCK_M"]) * cdiv(n, config.kwargs["BLOCK_N"])
+    return tiles * splits <= 2 * sms and k >= splits * 4 * 128
+
+
+def _prune_tiled(configs, named_args, **_):
+    a = named_args["A"]
+    sms = sm_count(a.device.index) if a.is_cuda else 0
+    args = named_args["m_bucket"], named_args["N"], named_args["K"], sms
+    return [c for c in configs if _split_fits(c, *args)]
+
+
+@functools.cache  # on every prefill call's path
+def _tiled_max_splits(m_bucket: int, n: int, k: int, device: torch.device) -> int:
+    """The most K splits any configuration the autotuner may pick here has: what the partial sums are sized for."""
+    sms = sm_count(device.index) if device.type == "cuda" else 0
+    return max(c.kwargs["SPLITS"] for c in _tiled_configs() if _split_fits(c, m_bucket, n, k, sms))
 
 
 @cached_launch
-@triton.autotune(configs=_tiled_configs(), key=["N", "K", "SCALE_OUT", "m_bucket"])
+@triton.autotune(configs=_tiled_configs(), key=["N", "K", "SCALE_OUT", "m_bucket"],
+                 prune_configs_by={"early_config_prune": _prune_tiled})  # fmt: skip
 @triton.jit
 def _w8a16_tiled_kernel(
     A, B, SCALE, BIAS, C, PARTIAL, COUNTERS,
-    M, N, K, m_bucket, k_per_split, stride_am, stride_ak, stride_bk, stride_bn,
+    M, N, K, m_bucket, stride_am, stride_ak, stride_bk, stride_bn,
     SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr = 8,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+    GROUP_N: tl.constexpr = 8,
 ):
     """C[M, N] = A[M, K] @ dequant(B[K, N]), computed as its transpose ``dequant(B)^T @ A^T``: the int8 tile,
     converted in registers, is the left operand, which Hopper's wgmma reads from registers; a converted right
     operand would first be written back to shared memory. SCALE indexes N (forward) or, if not SCALE_OUT, K.
-    Program (i, s) covers K in [s * k_per_split, (s + 1) * k_per_split), as in the decode kernel (m_bucket, the
-    rows' power of two, keys the autotuning and the split count)."""
+    Program (i, s) covers the s-th of SPLITS equal parts of K (whole BLOCK_K blocks), as in the decode kernel
+    (m_bucket, the rows' power of two, keys the autotuning and bounds the split count)."""
     # grouped order: GROUP_N weight-row blocks share each activation block while both sit in L2
     pid = tl.program_id(0)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -121,6 +153,7 @@ def _w8a16_tiled_kernel(
     offs_n = (first_n + pid % group_size) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = (pid % (GROUP_N * blocks_m)) // group_size * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLITS), BLOCK_K) * BLOCK_K
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -147,11 +180,10 @@ def _w8a16_tiled_kernel(
 def _w8a16_decode_kernel(
     A, B, SCALE, BIAS, C, PARTIAL, COUNTERS,
     M, N, K, k_per_split, stride_am, stride_ak, stride_bk, stride_bn,
-    SCALE_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Few rows (decode): C[M, N] = A[M, K] @ dequant(B[K, N]); SCALE indexes N (forward) or, if not SCALE_OUT,
-    K (backward).
+    """Few rows (decode), forward: C[M, N] = A[M, K] @ dequant(B[K, N]), SCALE indexing N.
 
     Program (i, j, s) covers K in [s * k_per_split, (s + 1) * k_per_split): that is how a few rows (decode)
     spread the weight read over the whole GPU. The last split to finish a tile adds them (``_store_split``)."""
@@ -165,13 +197,10 @@ def _w8a16_decode_kernel(
         ks = k0 + offs_k
         a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=(offs_m < M)[:, None] & (ks < k_end)[None, :], other=0.0)
-        if not SCALE_OUT:  # the scale runs along the reduction: fold it into A's columns
-            a = (a.to(tl.float32) * tl.load(SCALE + ks, mask=ks < k_end, other=0.0)[None, :]).to(A.dtype.element_ty)
         b = tl.load(B + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=(ks < k_end)[:, None] & (offs_n < N)[None, :], other=0)
         acc += tl.dot(a, b.to(A.dtype.element_ty), input_precision=DOT_PRECISION)  # |q| <= 127: exact in fp16/bf16
-    if SCALE_OUT:
-        acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    acc *= tl.load(SCALE + offs_n, mask=offs_n < N, other=0.0)[None, :]
     if HAS_BIAS:  # in the first split's partial sum only
         bias = tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         acc += tl.where(tl.program_id(2) == 0, bias, 0.0)[None, :]
@@ -261,33 +290,22 @@ def _dequantize_triton(weight_int8: torch.Tensor, scale: torch.Tensor, dtype: to
     return out
 
 
-# Up to this many rows: small tiles and split-K, which spread the weight read over the whole GPU. Against the
-# tiled kernel without its K split (H100, LLaMA-3-8B shapes): 13.0-38.7 against 32.8-100.5 µs at 32 rows; at 64,
-# 13.4-56.7 against 32.9-101.0, ahead on three shapes and 6% behind on 4096 -> 14336; at 128 well behind on
-# the wide shapes (104.6 against 53.6 µs at 4096 -> 14336).
-DECODE_ROWS = 64
-DEQUANT_ROWS = 1024  # from this many rows on: dequantize, then cuBLAS (see the module's docstring)
+# Which kernel takes how many rows, from a sweep at LLaMA-3-8B shapes on an H100 (µs in a stream of layers, the four
+# shapes of a layer summed as it runs them: q and o, k and v, gate and up, down).
+# Forward: up to DECODE_ROWS the decode kernel (at 32 rows 6.99-32.5 µs per shape against the tiled kernel's
+# 9.7-37.3), then the tiled one (at 64 rows 10.6-37.7 against 8.0-52.9), and from DEQUANT_ROWS on dequantize, then
+# cuBLAS (per layer at 384 rows 505 against the tiled 516 µs, at 512 562 against 545, at 768 687 against 814).
+# The gradient to the input never takes the decode kernel (at 16 rows 7.7-53.6 tiled against 8.8-91.1) and
+# dequantizes from DEQUANT_ROWS_GRAD_INPUT on (per layer at 128 rows 425 against 300 tiled, at 192 467 against 479).
+DECODE_ROWS = 32
+DEQUANT_ROWS = 512
+DEQUANT_ROWS_GRAD_INPUT = 192
 
 
-@functools.cache
-def _tiled_splits(m_bucket: int, n: int, k: int, device: torch.device) -> tuple[int, int]:
-    """(splits, K per split) of the tiled kernel. Only when its largest tiles (128 x 128) fill at most half the SMs
-    is K split: until they cover the GPU twice, keeping >= 4 of its largest K blocks (128) per split (the CPU
-    interpreter: 8 pretend SMs, its 32-wide blocks, >= 2 per split). H100, 128 rows: 14336 -> 4096 (32 tiles)
-    103.7 -> 69.9 µs, 4096 -> 1024 33.2 -> 15.8; but 4096 -> 14336 (112 tiles) 53.4 -> 69.3, so it stays whole."""
-    on_gpu = device.type == "cuda"
-    unit = 128 if on_gpu else 32  # a multiple of every BLOCK_K
-    tiles = cdiv(m_bucket, 128) * cdiv(n, 128)
-    sms = sm_count(device.index) if on_gpu else 8
-    if 2 * tiles > sms:  # the partial sums' extra traffic would cost more than the idle SMs
-        return 1, k
-    return _split_k(k, tiles, 2 * sms, unit, 4 if on_gpu else 2)
-
-
-def _split_k(k: int, programs: int, target: int, block_k: int, min_blocks: int) -> tuple[int, int]:
-    """(splits, K per split) for a split-K launch: K split until ``programs`` x splits reach ``target``, each split a
-    multiple of ``block_k`` holding >= ``min_blocks`` of them (K = 0: one split, of zeros)."""
-    splits = max(1, min(cdiv(target, programs), k // (min_blocks * block_k)))
+def _split_k(k: int, programs: int, target: int, block_k: int) -> tuple[int, int]:
+    """(splits, K per split) for the decode kernel: K split until ``programs`` x splits reach ``target``, each split
+    a nonzero multiple of ``block_k`` (K = 0: one split, of zeros)."""
+    splits = max(1, min(cdiv(target, programs), k // block_k))
     k_per_split = max(cdiv(cdiv(k, splits), block_k), 1) * block_k
     return max(cdiv(k, k_per_split), 1), k_per_split
 
@@ -307,7 +325,7 @@ def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[
     grid_mn = (cdiv(m, block_m), cdiv(n, block_n))
     # on the CPU interpreter, 8 still splits the test shapes several ways
     target = per_sm * sm_count(device.index) if on_gpu else 8
-    splits, k_per_split = _split_k(k, grid_mn[0] * grid_mn[1], target, block_k, 1)
+    splits, k_per_split = _split_k(k, grid_mn[0] * grid_mn[1], target, block_k)
     constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": stages}
     return (*grid_mn, splits), k_per_split, constants
 
@@ -317,22 +335,22 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
     m, k = a.shape
     if m == 0 or n == 0:
         return a.new_empty((m, n))
-    if m >= DEQUANT_ROWS:  # b_int8 is the weight [out, in] either way; scale_out: forward, else the input gradient
+    # b_int8 is the weight [out, in] either way; scale_out: the forward, else the gradient to the input
+    if m >= (DEQUANT_ROWS if scale_out else DEQUANT_ROWS_GRAD_INPUT):
         weight = _dequantize_triton(b_int8, scale, a.dtype)
         return F.linear(a, weight, None if bias is None else bias.to(a.dtype)) if scale_out else a @ weight
-    flags = dict(SCALE_OUT=scale_out, HAS_BIAS=bias is not None,
-                 DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")  # fmt: skip
+    flags = dict(HAS_BIAS=bias is not None, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
     c = a.new_empty((m, n))
     bias = bias if bias is not None else scale  # any pointer: not read
-    if m > DECODE_ROWS:
-        m_bucket = min(next_power_of_2(m), 8192)
-        splits, k_per_split = _tiled_splits(m_bucket, n, k, a.device)
-        # counters for the smallest tiles any configuration has (16 x 16: the CPU interpreter's)
-        partial, counters = _split_buffers(c, splits, cdiv(m, 16) * cdiv(n, 16))
-        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    if m > DECODE_ROWS or not scale_out:
+        m_bucket = next_power_of_2(m)
+        # partial sums for the most splits the autotuner may pick; counters for the smallest tiles any
+        # configuration has (16 x 16: the CPU interpreter's)
+        partial, counters = _split_buffers(c, _tiled_max_splits(m_bucket, n, k, a.device), cdiv(m, 16) * cdiv(n, 16))
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])  # noqa: E731
         _w8a16_tiled_kernel[grid](
-            a, b_int8, scale, bias, c, partial, counters, m, n, k, m_bucket, k_per_split, a.stride(0), a.stride(1),
-            *b_strides, **flags,
+            a, b_int8, scale, bias, c, partial, counters, m, n, k, m_bucket, a.stride(0), a.stride(1), *b_strides,
+            SCALE_OUT=scale_out, **flags,
         )  # fmt: skip
         return c
     grid, k_per_split, constants = _decode_launch(m, n, k, a.device)

@@ -340,7 +340,7 @@ def test_split_k_launches_repeat_exactly_and_reset_their_counters(device, dtype,
     m_small, m_tiled, k, n = SHAPES[device][1][0], DECODE_ROWS + 16, 1031, 77
     dev = torch.device(device)
     assert int8_matmul._decode_launch(m_small, n, k, dev)[0][2] > 1  # both row counts split K here
-    assert int8_matmul._tiled_splits(next_power_of_2(m_tiled), n, k, dev)[0] > 1
+    assert int8_matmul._tiled_max_splits(next_power_of_2(m_tiled), n, k, dev) > 1
     w_int8, scale = quantize_per_channel(torch.randn(n, k, device=device))
     bias = torch.randn(n, device=device).to(dtype)
     w64 = w_int8.double() * scale.double()[:, None]
@@ -353,3 +353,35 @@ def test_split_k_launches_repeat_exactly_and_reset_their_counters(device, dtype,
     counters = [c for (where, _), c in int8_matmul._tile_counters.items() if where.type == dev.type]
     assert backend == "reference" or counters, "no split-K launch ran"
     assert all(int(c.abs().sum()) == 0 for c in counters)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale_out", [True, False], ids=["forward", "grad_input"])
+def test_every_tiled_configuration_matches_float64(scale_out):
+    # The autotuner runs one configuration per size, and only times the others: run each one on its own, at a size
+    # where all of them may split K, so that a wrong tile, split or partial-sum store cannot hide behind the winner.
+    from accel_patch.kernels import int8_matmul
+
+    launcher = int8_matmul._w8a16_tiled_kernel  # the cached direct launch
+    tuner = launcher.kernel  # the autotuner inside it
+    m, k, n = DECODE_ROWS + 16, 4096, 512
+    configs = int8_matmul._tiled_configs()
+    dev = torch.device("cuda")
+    assert int8_matmul._tiled_max_splits(next_power_of_2(m), n, k, dev) == max(c.kwargs["SPLITS"] for c in configs)
+    w_int8, scale = quantize_per_channel(torch.randn(n, k, device="cuda"))
+    w64 = w_int8.double() * scale.double()[:, None]
+    x = torch.randn(m, k if scale_out else n, device="cuda").to(torch.bfloat16)
+    expected = x.double() @ (w64.t() if scale_out else w64)
+    strides = (w_int8.stride(1), w_int8.stride(0)) if scale_out else (w_int8.stride(0), w_int8.stride(1))
+    try:
+        for config in configs:
+            tuner.configs, tuner.cache = [config], {}
+            launcher.launches.clear()
+            got = int8_matmul._matmul_triton(x, w_int8, scale, None, scale_out, expected.shape[1], strides)
+            assert tuner.best_config is config
+            assert rel_err(got, expected) < TOL[torch.bfloat16], config
+            assert torch.equal(got, int8_matmul._matmul_triton(x, w_int8, scale, None, scale_out, expected.shape[1],
+                                                               strides)), config  # fmt: skip
+    finally:
+        tuner.configs, tuner.cache = configs, {}
+        launcher.launches.clear()
