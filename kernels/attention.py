@@ -18,7 +18,6 @@ import threading
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from ._backend import (
     check_float,
@@ -52,8 +51,9 @@ TMA_TILES = {
 LONG_QUERIES = {64: 8192, 128: 4096}
 # Every tile side in the lists below divides this: sequences of a multiple of it have no ragged tile.
 LARGEST_TILE = 128
-# The masks' spans (see _hidden_span) are kept per MASK_CELL queries or keys: every tile lies in one cell.
+# The masks' spans (see _mask_spans) are kept per MASK_CELL queries or keys: every tile lies in one cell.
 MASK_CELL = tl.constexpr(LARGEST_TILE)
+SPAN_FAR = tl.constexpr(1 << 30)  # past any position: a span's first position is stored as SPAN_FAR - first
 
 
 @triton.jit
@@ -146,13 +146,13 @@ def _stage_range(stage: tl.constexpr, lo, full_lo, span_lo, span_hi, full_hi, hi
 @triton.jit
 def _masked_span(SPANS, b, cell, ss_b, full_lo, full_hi, USER_MASKS: tl.constexpr):
     """The part of the whole blocks [full_lo, full_hi) where a user mask hides something from cell ``cell`` (of
-    MASK_CELL queries, or keys for the dK/dV kernel): ``SPANS[b, cell]`` is the first and past-the-last position
-    of the cells that do, from :func:`_hidden_span`."""
+    MASK_CELL queries, or keys for the dK/dV kernel): ``SPANS[b, cell]`` holds the first and past-the-last position
+    of the cells that do, from :func:`_mask_spans_kernel` (the first as SPAN_FAR - first)."""
     span_lo = full_hi
     span_hi = full_hi
     if USER_MASKS:
         entry = SPANS + b * ss_b + cell * 2
-        span_lo = tl.minimum(tl.maximum(tl.load(entry), full_lo), full_hi)
+        span_lo = tl.minimum(tl.maximum(SPAN_FAR - tl.load(entry), full_lo), full_hi)
         span_hi = tl.maximum(tl.minimum(tl.load(entry + 1), full_hi), span_lo)
     return span_lo, span_hi
 
@@ -612,36 +612,54 @@ def _mask_args(attn_mask, key_padding_mask, q):
     return mask, strides, kpm, kpm_stride
 
 
-def _cell_min(visible: torch.Tensor, dim: int) -> torch.Tensor:
-    """The minimum of a 0/1 ``visible`` over cells of ``MASK_CELL`` along ``dim`` (negative); past the end, 1."""
-    pad = -visible.shape[dim] % LARGEST_TILE
-    if pad:
-        visible = F.pad(visible, (0, 0) * (-1 - dim) + (0, pad), value=1)
-    return visible.unflatten(dim, (-1, LARGEST_TILE)).amin(dim)
+@cached_launch
+@triton.jit
+def _mask_spans_kernel(MASK, KPM, SPANS, seq_q, seq_k, q_cells, sm_b, sm_q, sm_k, skpm_b, ss_b,
+                       HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
+    """Program (b, i, j): whether the masks hide any key of cell j from any query of cell i (cells of MASK_CELL
+    positions; past the sequences' ends everything counts as visible). If they do, it widens query cell i's span of
+    keys, ``SPANS[b, i]``, and key cell j's span of queries, ``SPANS[b, q_cells + j]``. A span is held as
+    (SPAN_FAR - first, past-the-last position) so that both grow by atomic max from zero; zero is an empty span."""
+    b = tl.program_id(0)
+    q_cell = tl.program_id(1)
+    k_cell = tl.program_id(2)
+    rows = q_cell * MASK_CELL + tl.arange(0, MASK_CELL)
+    cols = k_cell * MASK_CELL + tl.arange(0, MASK_CELL)
+    visible = 1  # the minimum over the cell of "this query sees this key", as far as the masks say
+    if HAS_MASK:
+        tile = tl.load(MASK + b * sm_b + rows[:, None] * sm_q + cols[None, :] * sm_k,
+                       mask=(rows < seq_q)[:, None] & (cols < seq_k)[None, :], other=1)
+        visible = tl.min(tl.min((tile != 0).to(tl.int32), 1), 0)
+    if HAS_KPM:
+        real = tl.load(KPM + b * skpm_b + cols, mask=cols < seq_k, other=1)
+        visible = tl.minimum(visible, tl.min((real != 0).to(tl.int32), 0))
+    if visible == 0:
+        by_query = SPANS + b * ss_b + q_cell * 2
+        tl.atomic_max(by_query, SPAN_FAR - k_cell * MASK_CELL)
+        tl.atomic_max(by_query + 1, (k_cell + 1) * MASK_CELL)
+        by_key = SPANS + b * ss_b + (q_cells + k_cell) * 2
+        tl.atomic_max(by_key, SPAN_FAR - q_cell * MASK_CELL)
+        tl.atomic_max(by_key + 1, (q_cell + 1) * MASK_CELL)
 
 
-def _hidden_cells(attn_mask, key_padding_mask, q) -> torch.Tensor:
-    """Boolean ``[batch, query cells, key cells]`` over cells of ``MASK_CELL`` queries x keys: True where a user
-    mask (at least one given) hides any key from any query of the cell. One pass over each mask."""
-    hidden = None
-    if attn_mask is not None:
-        hidden = _cell_min(_cell_min(attn_mask[:, 0].view(torch.uint8), -1), -2) == 0
-    if key_padding_mask is not None:
-        padded = (_cell_min((key_padding_mask != 0).view(torch.uint8), -1) == 0)[:, None, :]
-        hidden = padded if hidden is None else hidden | padded
-    return hidden.expand(q.shape[0], cdiv(q.shape[2], LARGEST_TILE), -1)
-
-
-def _hidden_span(hidden: torch.Tensor, dim: int) -> torch.Tensor:
-    """int32 ``[batch, cells, 2]``: for each cell of the other dim, the first and past-the-last positions of the
-    cells along ``dim`` where ``hidden`` (an empty span where none). Along the keys (-1), what the forward and dQ
-    kernels mask beyond the diagonal; along the queries (-2), the dK/dV kernel's. HF's dense causal masks hide
-    only the diagonal's cells there, a padded batch only its padding's."""
-    index = torch.arange(hidden.shape[dim], device=hidden.device, dtype=torch.int32)
-    index = index.view(-1, *([1] * (-1 - dim)))
-    first = torch.where(hidden, index, hidden.shape[dim]).amin(dim)
-    end = torch.where(hidden, index + 1, 0).amax(dim)
-    return (torch.stack((first, end), -1) * LARGEST_TILE).to(torch.int32)
+def _mask_spans(attn_mask, key_padding_mask, q) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(by query cell, by key cell)``, int32 ``[batch, cells, 2]``: per cell of MASK_CELL queries, the span of
+    keys that the user masks (at least one given) hide anything from, and per cell of keys the span of queries, for
+    :func:`_masked_span`. Over the keys, what the forward and dQ kernels mask beyond the diagonal; over the queries,
+    the dK/dV kernel's. HF's dense causal masks hide only the diagonal's cells there, a padded batch only its
+    padding's. One pass over the masks; where every sequence shares them, once for all (batch stride 0)."""
+    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
+    seq_q, seq_k = q.shape[2], (attn_mask if attn_mask is not None else key_padding_mask).shape[-1]
+    q_cells, k_cells = cdiv(seq_q, LARGEST_TILE), cdiv(seq_k, LARGEST_TILE)
+    batch = q.shape[0] if key_padding_mask is not None or sm_b else 1
+    spans = torch.zeros((batch, q_cells + k_cells, 2), dtype=torch.int32, device=q.device)
+    if q_cells and k_cells:
+        _mask_spans_kernel[(batch, q_cells, k_cells)](
+            mask, kpm, spans, seq_q, seq_k, q_cells, sm_b, sm_q, sm_k, skpm_b, spans.stride(0),
+            HAS_MASK=attn_mask is not None, HAS_KPM=key_padding_mask is not None, num_warps=4,
+        )  # fmt: skip
+    spans = spans.expand(q.shape[0], -1, -1)
+    return spans[:, :q_cells], spans[:, q_cells:]
 
 
 class _SpanMemo:
@@ -670,8 +688,7 @@ class _SpanMemo:
         return state is None if t is None else state is not None and state[0]() is t and state[1] == t._version
 
     def spans(self, attn_mask, key_padding_mask, q) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(by query cell, by key cell)``: :func:`_hidden_span` of the masks' hidden cells along each dim;
-        ``(q, q)``, dummy pointers the kernels never read, without masks."""
+        """:func:`_mask_spans`; ``(q, q)``, dummy pointers the kernels never read, without masks."""
         masks = (attn_mask, key_padding_mask)
         if attn_mask is None and key_padding_mask is None:
             return q, q
@@ -685,8 +702,7 @@ class _SpanMemo:
                 entry = self.entries.get(key)
             if entry is not None and entry[0] == tuple(q.shape[:3]) and all(map(self._same, entry[1], masks)):
                 return entry[2]
-        hidden = _hidden_cells(attn_mask, key_padding_mask, q)
-        spans = _hidden_span(hidden, -1), _hidden_span(hidden, -2)
+        spans = _mask_spans(attn_mask, key_padding_mask, q)
         if remember:
             with self.lock:
                 if len(self.entries) >= self.SIZE:

@@ -166,6 +166,59 @@ def test_the_registered_op_reads_its_masks_on_every_call():
     assert rel_err(out, attention64(q.double(), k.double(), v.double(), ok, scale)) < TOL[torch.float32]
 
 
+def cell_spans(hidden, cell):
+    """Per cell of ``cell`` queries, the first and past-the-last key of the key cells where ``hidden`` ([seq_q,
+    seq_k] bool) is True anywhere, and per key cell the same over the queries; None where it is nowhere."""
+    rows, cols = -(-hidden.shape[0] // cell), -(-hidden.shape[1] // cell)
+    any_hidden = [[bool(hidden[i * cell : (i + 1) * cell, j * cell : (j + 1) * cell].any()) for j in range(cols)]
+                  for i in range(rows)]  # fmt: skip
+
+    def span(flags):
+        cells = [c for c, flag in enumerate(flags) if flag]
+        return (cells[0] * cell, (cells[-1] + 1) * cell) if cells else None
+
+    return ([span(row) for row in any_hidden], [span(column) for column in zip(*any_hidden, strict=True)])
+
+
+SPAN_DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="set TRITON_INTERPRET=1")),
+                pytest.param("cuda", marks=pytest.mark.gpu)]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", SPAN_DEVICES)
+@pytest.mark.parametrize("masks", ["dense", "dense_shared", "padding", "both"])
+def test_mask_spans_cover_exactly_the_cells_masks_hide_keys_in(device, masks):
+    """The one-pass span kernel against the masks read cell by cell: ragged lengths, queries after a cache, a
+    dense mask per sequence or shared by all, an int64 padding mask."""
+    attention_module = importlib.import_module("accel_patch.kernels.attention")
+    batch, seq_q, seq_k, cell = 3, 200, 330, attention_module.LARGEST_TILE
+    gen = torch.Generator().manual_seed(7)
+    dense = key_padding = None
+    if masks != "padding":
+        dense = torch.ones(batch if masks != "dense_shared" else 1, 1, seq_q, seq_k, dtype=torch.bool)
+        for b in range(dense.shape[0]):
+            for _ in range(2 + b):
+                i, j = (int(torch.randint(n, (), generator=gen)) for n in (seq_q, seq_k))
+                dense[b, 0, i, j] = False
+    if masks in ("padding", "both"):
+        key_padding = torch.ones(batch, seq_k, dtype=torch.int64)
+        key_padding[1, -(cell + 20) :] = 0  # a whole cell and some
+        key_padding[2, :5] = 0
+    q = torch.empty(batch, 2, seq_q, 16, device=device)
+    by_query, by_key = attention_module._mask_spans(
+        None if dense is None else dense.to(device), None if key_padding is None else key_padding.to(device), q
+    )
+    for b in range(batch):
+        hidden = torch.zeros(seq_q, seq_k, dtype=torch.bool)
+        if dense is not None:
+            hidden |= ~dense[b if dense.shape[0] > 1 else 0, 0]
+        if key_padding is not None:
+            hidden |= (key_padding[b] == 0)[None, :]
+        expected = cell_spans(hidden, cell)
+        for got, want in zip((by_query[b].tolist(), by_key[b].tolist()), expected, strict=True):
+            decoded = [None if stored == 0 else (attention_module.SPAN_FAR.value - stored, end) for stored, end in got]
+            assert decoded == want, (b, got, want)
+
+
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_fully_masked_rows_output_zeros(backend):
     q, k, v = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
