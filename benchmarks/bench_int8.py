@@ -20,7 +20,7 @@ from accel_patch import Int8Linear
 from common import copies_beyond_l2, copy_bandwidth, graph_ms, has, median_ms, read_ms, stream_ms, write_table
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)]  # (in, out)
-TOKENS = [1, 16, 64, 128, 512, 1024, 2048, 8192]
+TOKENS = [1, 16, 64, 128, 256, 512, 1024, 2048, 8192]
 SMALL_M = 16  # the decode rows: memory-bound, where the read floor is shown beside them
 FLOOR_ROW = "read of int8 weight alone (floor)"
 

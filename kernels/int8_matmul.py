@@ -87,48 +87,52 @@ def _store_split(acc, C, offsets, PARTIAL, COUNTERS, tile, split, splits, mn, ma
             tl.store(COUNTERS + tile, 0)
 
 
-def _tiled_configs():
-    """Launch shapes of the tiled kernel (the rows it takes: see ``DECODE_ROWS``), autotuned per (N, K, which operand
-    the scale runs along, the rows' power of two): those that won somewhere in a sweep of 15 tiles x 1-8 K splits at
-    LLaMA-3-8B shapes and 64-1024 rows (H100). Small tiles with K split where the rows are few, 128 x 256 on wide
-    weights from 256 rows. The CPU interpreter: one small tile, K split in two."""
+# Launch shapes of the tiled kernel (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages, K splits), autotuned per (N, K, which
+# operand the scale runs along, the rows' power of two): those that won somewhere in a sweep of 15 tiles x 1-8 K
+# splits at LLaMA-3-8B shapes and 64-1024 rows (H100). Small tiles with K split where the rows are few, 128 x 256
+# on wide weights from 256 rows. The CPU interpreter: one small tile, K split in two.
+TILED_SHAPES = [(64, 128, 128, 4, 3, 1), (64, 128, 128, 4, 3, 2), (64, 128, 128, 4, 3, 4), (64, 64, 128, 4, 3, 1),
+                (64, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 3, 2)]
+_INTERPRETER_SHAPE = (16, 16, 32, 4, 1, 2)
+
+
+def _tiled_shapes(every: bool = False) -> list[tuple[int, ...]]:
+    """The shapes the autotuner tries (:func:`tile_choices`), or ``every`` one it could be given."""
     if interpreting():
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16, "BLOCK_K": 32, "SPLITS": 2}, num_warps=4, num_stages=1)]
-    shapes = [(64, 128, 128, 4, 3, 1), (64, 128, 128, 4, 3, 2), (64, 128, 128, 4, 3, 4), (64, 64, 128, 4, 3, 1),
-              (64, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 3, 2)]
-    # (BLOCK_N, BLOCK_M, BLOCK_K, warps, stages, K splits)
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_K": bk, "SPLITS": splits}, num_warps=w, num_stages=st)
-            for bn, bm, bk, w, st, splits in tile_choices(shapes)]  # fmt: skip
+        return [_INTERPRETER_SHAPE]
+    return list(TILED_SHAPES) if every else tile_choices(TILED_SHAPES)
 
 
-def _split_fits(config, m_bucket: int, n: int, k: int, sms: int) -> bool:
-    """Whether ``config`` may split K at this size: one split always; more only while the tiles x splits stay
-    within two programs per SM and each split keeps >= 4 blocks of 128 along K. That bounds the float32 partial sums
-    to 2 x SMs tiles' worth. The CPU interpreter (``sms`` 0) splits anyway: its one configuration exercises the
-    split path."""
-    splits = config.kwargs["SPLITS"]
+def _tiled_config(block_n: int, block_m: int, block_k: int, warps: int, stages: int, splits: int):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_K": block_k, "SPLITS": splits},
+                         num_warps=warps, num_stages=stages)  # fmt: skip
+
+
+def _split_fits(block_n: int, block_m: int, splits: int, m_bucket: int, n: int, k: int, sms: int) -> bool:
+    """Whether a tile may split K ``splits`` ways at this size: one split always; more only while the tiles x splits
+    stay within two programs per SM and each split keeps >= 4 blocks of 128 along K. That bounds the float32 partial
+    sums to 2 x SMs tiles' worth. The CPU interpreter (``sms`` 0) splits anyway, to exercise the split path."""
     if splits == 1 or not sms:
         return True
-    tiles = cdiv(m_bucket, config.kwargs["BLOCK_M"]) * cdiv(n, config.kwargs["BLOCK_N"])
-    return tiles * splits <= 2 * sms and k >= splits * 4 * 128
+    return cdiv(m_bucket, block_m) * cdiv(n, block_n) * splits <= 2 * sms and k >= splits * 4 * 128
 
 
 def _prune_tiled(configs, named_args, **_):
     a = named_args["A"]
-    sms = sm_count(a.device.index) if a.is_cuda else 0
-    args = named_args["m_bucket"], named_args["N"], named_args["K"], sms
-    return [c for c in configs if _split_fits(c, *args)]
+    sizes = named_args["m_bucket"], named_args["N"], named_args["K"], sm_count(a.device.index) if a.is_cuda else 0
+    return [c for c in configs if _split_fits(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["SPLITS"], *sizes)]
 
 
 @functools.cache  # on every prefill call's path
 def _tiled_max_splits(m_bucket: int, n: int, k: int, device: torch.device) -> int:
-    """The most K splits any configuration the autotuner may pick here has: what the partial sums are sized for."""
+    """The most K splits any shape the autotuner may run here has (whatever it is told to try): what the partial
+    sums are sized for."""
     sms = sm_count(device.index) if device.type == "cuda" else 0
-    return max(c.kwargs["SPLITS"] for c in _tiled_configs() if _split_fits(c, m_bucket, n, k, sms))
+    return max(s[5] for s in _tiled_shapes(every=True) if _split_fits(s[0], s[1], s[5], m_bucket, n, k, sms))
 
 
 @cached_launch
-@triton.autotune(configs=_tiled_configs(), key=["N", "K", "SCALE_OUT", "m_bucket"],
+@triton.autotune(configs=[_tiled_config(*shape) for shape in _tiled_shapes()], key=["N", "K", "SCALE_OUT", "m_bucket"],
                  prune_configs_by={"early_config_prune": _prune_tiled})  # fmt: skip
 @triton.jit
 def _w8a16_tiled_kernel(
@@ -141,8 +145,8 @@ def _w8a16_tiled_kernel(
     """C[M, N] = A[M, K] @ dequant(B[K, N]), computed as its transpose ``dequant(B)^T @ A^T``: the int8 tile,
     converted in registers, is the left operand, which Hopper's wgmma reads from registers; a converted right
     operand would first be written back to shared memory. SCALE indexes N (forward) or, if not SCALE_OUT, K.
-    Program (i, s) covers the s-th of SPLITS equal parts of K (whole BLOCK_K blocks), as in the decode kernel
-    (m_bucket, the rows' power of two, keys the autotuning and bounds the split count)."""
+    Launch shapes: TILED_SHAPES. Program (i, s) covers the s-th of SPLITS equal parts of K (whole BLOCK_K blocks),
+    as in the decode kernel (m_bucket, the rows' power of two, keys the autotuning and bounds the split count)."""
     # grouped order: GROUP_N weight-row blocks share each activation block while both sit in L2
     pid = tl.program_id(0)
     blocks_n = tl.cdiv(N, BLOCK_N)

@@ -339,8 +339,9 @@ def test_split_k_launches_repeat_exactly_and_reset_their_counters(device, dtype,
 
     m_small, m_tiled, k, n = SHAPES[device][1][0], DECODE_ROWS + 16, 1031, 77
     dev = torch.device(device)
-    assert int8_matmul._decode_launch(m_small, n, k, dev)[0][2] > 1  # both row counts split K here
-    assert int8_matmul._tiled_max_splits(next_power_of_2(m_tiled), n, k, dev) > 1
+    assert int8_matmul._decode_launch(m_small, n, k, dev)[0][2] > 1  # both row counts split K here (the tiled
+    # kernel's first shape on the interpreter; on the GPU, test_every_tiled_configuration_matches_float64 runs each)
+    assert int8_matmul._tiled_shapes()[0][5] > 1 or device == "cuda"
     w_int8, scale = quantize_per_channel(torch.randn(n, k, device=device))
     bias = torch.randn(n, device=device).to(dtype)
     w64 = w_int8.double() * scale.double()[:, None]
@@ -358,30 +359,36 @@ def test_split_k_launches_repeat_exactly_and_reset_their_counters(device, dtype,
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale_out", [True, False], ids=["forward", "grad_input"])
 def test_every_tiled_configuration_matches_float64(scale_out):
-    # The autotuner runs one configuration per size, and only times the others: run each one on its own, at a size
-    # where all of them may split K, so that a wrong tile, split or partial-sum store cannot hide behind the winner.
+    # The autotuner runs one shape per size, and only times the others (the tests tune nothing: they run the first):
+    # run each one on its own, at a size where all of them may split K, so that a wrong tile, split or partial-sum
+    # store cannot hide behind the winner.
     from accel_patch.kernels import int8_matmul
 
     launcher = int8_matmul._w8a16_tiled_kernel  # the cached direct launch
     tuner = launcher.kernel  # the autotuner inside it
-    m, k, n = DECODE_ROWS + 16, 4096, 512
-    configs = int8_matmul._tiled_configs()
+    tried = tuner.configs
+    # the matmul's reduction (K) 4096 and output (N) 512 both ways: the weight is [N, K] forward, [K, N] backward
+    m, reduction, out = DECODE_ROWS + 16, 4096, 512
+    shapes = int8_matmul._tiled_shapes(every=True)
     dev = torch.device("cuda")
-    assert int8_matmul._tiled_max_splits(next_power_of_2(m), n, k, dev) == max(c.kwargs["SPLITS"] for c in configs)
-    w_int8, scale = quantize_per_channel(torch.randn(n, k, device="cuda"))
+    assert int8_matmul._tiled_max_splits(next_power_of_2(m), out, reduction, dev) == max(s[5] for s in shapes) > 1
+    w_int8, scale = quantize_per_channel(torch.randn(*((out, reduction) if scale_out else (reduction, out)),
+                                                     device="cuda"))  # fmt: skip
     w64 = w_int8.double() * scale.double()[:, None]
-    x = torch.randn(m, k if scale_out else n, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, reduction, device="cuda").to(torch.bfloat16)
     expected = x.double() @ (w64.t() if scale_out else w64)
     strides = (w_int8.stride(1), w_int8.stride(0)) if scale_out else (w_int8.stride(0), w_int8.stride(1))
     try:
-        for config in configs:
-            tuner.configs, tuner.cache = [config], {}
+        for shape in shapes:
+            tuner.configs, tuner.cache = [int8_matmul._tiled_config(*shape)], {}
             launcher.launches.clear()
             got = int8_matmul._matmul_triton(x, w_int8, scale, None, scale_out, expected.shape[1], strides)
-            assert tuner.best_config is config
-            assert rel_err(got, expected) < TOL[torch.bfloat16], config
+            assert tuner.best_config.kwargs["SPLITS"] == shape[5]
+            assert rel_err(got, expected) < TOL[torch.bfloat16], shape
             assert torch.equal(got, int8_matmul._matmul_triton(x, w_int8, scale, None, scale_out, expected.shape[1],
-                                                               strides)), config  # fmt: skip
+                                                               strides)), shape  # fmt: skip
     finally:
-        tuner.configs, tuner.cache = configs, {}
+        tuner.configs, tuner.cache = tried, {}
         launcher.launches.clear()
+    counters = [c for (where, _), c in int8_matmul._tile_counters.items() if where.type == "cuda"]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
