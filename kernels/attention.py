@@ -642,13 +642,14 @@ def _mask_spans_kernel(MASK, KPM, SPANS, seq_q, seq_k, q_cells, sm_b, sm_q, sm_k
         tl.atomic_max(by_key + 1, (q_cell + 1) * MASK_CELL)
 
 
-def _mask_spans(attn_mask, key_padding_mask, q) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask_spans(attn_mask, key_padding_mask, q, mask_args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """``(by query cell, by key cell)``, int32 ``[batch, cells, 2]``: per cell of MASK_CELL queries, the span of
     keys that the user masks (at least one given) hide anything from, and per cell of keys the span of queries, for
     :func:`_masked_span`. Over the keys, what the forward and dQ kernels mask beyond the diagonal; over the queries,
     the dK/dV kernel's. HF's dense causal masks hide only the diagonal's cells there, a padded batch only its
-    padding's. One pass over the masks; where every sequence shares them, once for all (batch stride 0)."""
-    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
+    padding's. One pass over the masks; where every sequence shares them, once for all (batch stride 0).
+    ``mask_args``: :func:`_mask_args` of the masks, which the launcher already has."""
+    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = mask_args
     seq_q, seq_k = q.shape[2], (attn_mask if attn_mask is not None else key_padding_mask).shape[-1]
     q_cells, k_cells = cdiv(seq_q, LARGEST_TILE), cdiv(seq_k, LARGEST_TILE)
     batch = q.shape[0] if key_padding_mask is not None or sm_b else 1
@@ -687,7 +688,7 @@ class _SpanMemo:
     def _same(state: tuple | None, t: torch.Tensor | None) -> bool:
         return state is None if t is None else state is not None and state[0]() is t and state[1] == t._version
 
-    def spans(self, attn_mask, key_padding_mask, q) -> tuple[torch.Tensor, torch.Tensor]:
+    def spans(self, attn_mask, key_padding_mask, q, mask_args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`_mask_spans`; ``(q, q)``, dummy pointers the kernels never read, without masks."""
         masks = (attn_mask, key_padding_mask)
         if attn_mask is None and key_padding_mask is None:
@@ -702,7 +703,7 @@ class _SpanMemo:
                 entry = self.entries.get(key)
             if entry is not None and entry[0] == tuple(q.shape[:3]) and all(map(self._same, entry[1], masks)):
                 return entry[2]
-        spans = _mask_spans(attn_mask, key_padding_mask, q)
+        spans = _mask_spans(attn_mask, key_padding_mask, q, mask_args)
         if remember:
             with self.lock:
                 if len(self.entries) >= self.SIZE:
@@ -781,9 +782,10 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
     n_kv, seq_k = k.shape[1], k.shape[2]
     out = q.new_empty((batch, seq_q, n_q, head_dim))
     lse = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)
-    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
+    mask_args = _mask_args(attn_mask, key_padding_mask, q)
+    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = mask_args
     if out.numel():
-        spans = _span_memo.spans(attn_mask, key_padding_mask, q)[0]
+        spans = _span_memo.spans(attn_mask, key_padding_mask, q, mask_args)[0]
         tma = _tma_ready(q, k, v, out)
         long_seq = tma and seq_q >= LONG_QUERIES[head_dim]
         q_, k_, v_, out_ = q, k, v, out
@@ -856,14 +858,15 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     n_kv, seq_k = k.shape[1], k.shape[2]
     delta = q.new_empty((batch, n_q, seq_q), dtype=torch.float32)  # written by the dQ kernel
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
+    mask_args = _mask_args(attn_mask, key_padding_mask, q)
+    mask, (sm_b, sm_q, sm_k), kpm, skpm_b = mask_args
     common = dict(
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
         **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),
     )
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    spans_by_query, spans_by_key = _span_memo.spans(attn_mask, key_padding_mask, q)
+    spans_by_query, spans_by_key = _span_memo.spans(attn_mask, key_padding_mask, q, mask_args)
     # not without causality: Triton 3.6's ptxas crashed (SIGSEGV) compiling a non-causal TMA backward on the H100
     tma = causal and _tma_ready(q, k, v, dout)
     k_, v_, q_, dout_ = k, v, q, dout  # what the copy engine fetches: dQ's keys and values, dK/dV's queries and dO

@@ -108,6 +108,11 @@ def _tiled_config(block_n: int, block_m: int, block_k: int, warps: int, stages: 
                          num_warps=warps, num_stages=stages)  # fmt: skip
 
 
+def _gpu_sms(device: torch.device) -> int:
+    """The device's SM count; 0 for the CPU interpreter."""
+    return sm_count(device.index) if device.type == "cuda" else 0
+
+
 def _split_fits(block_n: int, block_m: int, splits: int, m_bucket: int, n: int, k: int, sms: int) -> bool:
     """Whether a tile may split K ``splits`` ways at this size: one split always; more only while the tiles x splits
     stay within two programs per SM and each split keeps >= 4 blocks of 128 along K. That bounds the float32 partial
@@ -119,7 +124,7 @@ def _split_fits(block_n: int, block_m: int, splits: int, m_bucket: int, n: int, 
 
 def _prune_tiled(configs, named_args, **_):
     a = named_args["A"]
-    sizes = named_args["m_bucket"], named_args["N"], named_args["K"], sm_count(a.device.index) if a.is_cuda else 0
+    sizes = named_args["m_bucket"], named_args["N"], named_args["K"], _gpu_sms(a.device)
     return [c for c in configs if _split_fits(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["SPLITS"], *sizes)]
 
 
@@ -127,7 +132,7 @@ def _prune_tiled(configs, named_args, **_):
 def _tiled_max_splits(m_bucket: int, n: int, k: int, device: torch.device) -> int:
     """The most K splits any shape the autotuner may run here has (whatever it is told to try): what the partial
     sums are sized for."""
-    sms = sm_count(device.index) if device.type == "cuda" else 0
+    sms = _gpu_sms(device)
     return max(s[5] for s in _tiled_shapes(every=True) if _split_fits(s[0], s[1], s[5], m_bucket, n, k, sms))
 
 
