@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -114,17 +115,28 @@ def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
     model = build(config_name, variant, tiny, device)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     times = []
-    for step in range(steps + 3):  # 3 warm-up steps: compilation, autotuning, allocator
-        if step == 3 and device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
         start = time.perf_counter()
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
-    return {"tokens_per_s": batch * seq / statistics.median(times[3:]), "peak_gb": peak}
+
+    for _ in range(3):  # warm-up steps: compilation, autotuning, allocator
+        step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    from common import ClockSampler
+
+    with ClockSampler() as sampler:
+        for _ in range(steps):
+            step()
+    clock, power = sampler.medians()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else math.nan
+    return {"tokens_per_s": batch * seq / statistics.median(times[3:]), "peak_gb": peak, "sm_mhz": clock,
+            "watts": power}  # fmt: skip
 
 
 def main() -> None:
@@ -150,7 +162,10 @@ def main() -> None:
     notes = [f"batch {shape} tokens, bf16 weights (float32 on CPU), forward + backward, median of "
                        f"{args.steps} steps after 3 warm-up, use_cache=False; each variant in its own process",
                        f"MFU: model matmul FLOPs (6 x Linear and LM-head parameters + causal attention, per token) "
-                       f"x tokens/s over the GPU's dense bf16 peak ({peak or 'unknown'} TFLOP/s)"]  # fmt: skip
+                       f"x tokens/s over the GPU's dense bf16 peak ({peak or 'unknown'} TFLOP/s)",
+                       "SM MHz, W: medians of the GPU's SM clock and board power, sampled by nvidia-smi every "
+                       "50 ms over the timed steps: a power-capped GPU lowers its clock under dense tensor-core "
+                       "work"]  # fmt: skip
     if not has("liger_kernel"):
         notes.append("liger-kernel is not installed: its rows are missing")
     for config_name in args.configs:
@@ -169,12 +184,13 @@ def main() -> None:
             flops = model_flops_per_token(config_name, args.tiny, 32 if args.tiny else 2048) * result["tokens_per_s"]
             rows.append([config_name, variant, f"{result['tokens_per_s'] / 1e3:.1f}k",
                          f"{result['tokens_per_s'] / baseline:.2f}x", f"{flops / 1e12:.0f}",
-                         f"{flops / 1e12 / peak:.0%}" if peak else "n/a", f"{result['peak_gb']:.1f}"])  # fmt: skip
+                         f"{flops / 1e12 / peak:.0%}" if peak else "n/a", f"{result['peak_gb']:.1f}",
+                         *(f"{result.get(key, math.nan):.0f}" for key in ("sm_mhz", "watts"))])  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)  # as it comes: a long run cut short still reports
         if args.tiny:  # a check of the script, not a measurement: nothing goes to results/
             print(*notes, sep="\n")
             continue
-        header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB"]
+        header = ["config", "variant", "tokens/s", "vs HF sdpa", "model TFLOP/s", "MFU", "peak GB", "SM MHz", "W"]
         # one table per config, so that configs measured in separate runs do not overwrite each other
         write_table(f"train-{slug(config_name)}",
                     f"Training step (forward + backward), {config_name} config, bf16", header, rows, notes)

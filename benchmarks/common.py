@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
+import math
 import re
 import statistics
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -144,6 +146,44 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 31
 def peak_bf16_tflops() -> float | None:
     name = gpu_name()
     return next((peak for gpu, peak in PEAK_BF16_TFLOPS.items() if gpu in name), None)
+
+
+class ClockSampler:
+    """The current GPU's SM clock (MHz) and board power (W), sampled by ``nvidia-smi`` every ``period_ms`` while the
+    ``with`` block runs: a power-capped GPU lowers its clock under heavy tensor-core work, which moves a step's time
+    as much as some kernel changes do. ``medians()`` gives (MHz, W); NaN where nvidia-smi is missing or failed."""
+
+    def __init__(self, period_ms: int = 50) -> None:
+        self.period_ms, self.samples, self.process = period_ms, [], None
+
+    def __enter__(self) -> ClockSampler:
+        if not torch.cuda.is_available():
+            return self
+        gpu = f"GPU-{torch.cuda.get_device_properties(torch.cuda.current_device()).uuid}"  # CUDA_VISIBLE_DEVICES-proof
+        try:
+            self.process = subprocess.Popen(
+                ["nvidia-smi", f"--id={gpu}", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 f"--loop-ms={self.period_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+        except OSError:
+            self.process = None
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        output, _ = self.process.communicate()
+        for line in output.splitlines():
+            try:
+                self.samples.append(tuple(float(field) for field in line.split(",")))
+            except ValueError:  # "[N/A]" or a line cut short by the termination
+                continue
+
+    def medians(self) -> tuple[float, float]:
+        if not self.samples:
+            return math.nan, math.nan
+        return statistics.median(s[0] for s in self.samples), statistics.median(s[-1] for s in self.samples)
 
 
 def has(module: str) -> bool:
