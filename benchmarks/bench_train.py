@@ -114,15 +114,14 @@ def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
     batch, seq = (2, 32) if tiny else (4, 2048)
     model = build(config_name, variant, tiny, device)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
-    times = []
 
-    def step() -> None:
+    def step() -> float:
         start = time.perf_counter()
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
 
     for _ in range(3):  # warm-up steps: compilation, autotuning, allocator
         step()
@@ -131,11 +130,10 @@ def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
     from common import ClockSampler
 
     with ClockSampler() as sampler:
-        for _ in range(steps):
-            step()
+        times = [step() for _ in range(steps)]
     clock, power = sampler.medians()
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else math.nan
-    return {"tokens_per_s": batch * seq / statistics.median(times[3:]), "peak_gb": peak, "sm_mhz": clock,
+    return {"tokens_per_s": batch * seq / statistics.median(times), "peak_gb": peak, "sm_mhz": clock,
             "watts": power}  # fmt: skip
 
 

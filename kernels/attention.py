@@ -666,8 +666,9 @@ def _mask_spans(attn_mask, key_padding_mask, q, mask_args: tuple) -> tuple[torch
 class _SpanMemo:
     """The masks' spans per pair of mask tensors, while both live unmodified: HF hands every layer of a forward,
     and the backward, the same masks, so the passes over them run once per step, not once per layer (each is a
-    dozen small ops: host time the layers' kernels would wait for). Tensors are held weakly, checked by identity
-    and version counter; a few pairs at a time (models with sliding and full layers alternate two masks).
+    zeroed buffer and a kernel launch: host time the layers' kernels would wait for). Tensors are held weakly,
+    checked by identity and version counter; a few pairs at a time (models with sliding and full layers alternate
+    two masks).
 
     Eager calls only. Not while a CUDA graph is captured (its replays must recompute the spans for their masks),
     nor inside the registered ops (:func:`_uncached`), which run in torch.compile's graphs: inductor may write a

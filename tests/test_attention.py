@@ -204,8 +204,8 @@ def test_mask_spans_cover_exactly_the_cells_masks_hide_keys_in(device, masks):
         key_padding[1, -(cell + 20) :] = 0  # a whole cell and some
         key_padding[2, :5] = 0
     q = torch.empty(batch, 2, seq_q, 16, device=device)
-    masks = [None if t is None else t.to(device) for t in (dense, key_padding)]
-    by_query, by_key = attention_module._mask_spans(*masks, q, attention_module._mask_args(*masks, q))
+    on_device = [None if t is None else t.to(device) for t in (dense, key_padding)]
+    by_query, by_key = attention_module._mask_spans(*on_device, q, attention_module._mask_args(*on_device, q))
     for b in range(batch):
         hidden = torch.zeros(seq_q, seq_k, dtype=torch.bool)
         if dense is not None:
