@@ -325,9 +325,10 @@ def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[
     split until the programs cover the GPU once (up to 16 rows) or twice. H100, LLaMA-3-8B shapes, µs in a stream of
     layers: at 16 rows, 32 columns per tile, 4 stages and one program per SM took 6.9-26.3 against 7.8-28.1 with 64
     columns, 3 stages and two per SM; at 64 rows the latter took 9.0-53.7 against 9.4-62.5. Up to 16 rows, three
-    stages instead of four where the programs outnumber what fits on the GPU at once with four (three per SM, by
-    shared memory): the last ones would run as a second, mostly idle wave (4096->14336, 448 programs: 26.5-26.7
-    against 24.7-25.1 µs; where all fit, four stages were as fast or faster)."""
+    stages instead of four where the programs outnumber 3 per SM (4096->14336, 448 programs: 26.5-26.7 against
+    24.7-25.1 µs; at 128-256 programs four stages were as fast or faster). A measured rule, not an occupancy limit:
+    with four stages a program holds 48 KB of shared memory (Triton buffers stages - 1 tiles) and 62 registers per
+    thread, so four fit on an SM and all 448 run at once either way."""
     on_gpu = device.type == "cuda"
     if on_gpu:
         block_n, block_k, stages, per_sm = (32, 256, 4, 1) if m <= 16 else (64, 256, 3, 2)
