@@ -113,6 +113,18 @@ def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q
 
 
 @triton.jit
+def _query_block(n_q_heads, group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query-block program's (first query, batch, query head, KV head, query rows, head-dim columns, columns in
+    the head). The grid runs its query blocks last first: under a causal mask those see the most keys, so the tail
+    of the grid is short."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    b = tl.program_id(1) // n_q_heads
+    h = tl.program_id(1) % n_q_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    return start_m, b, h, h // group, start_m + tl.arange(0, BLOCK_M), offs_d, offs_d < HEAD_DIM
+
+
+@triton.jit
 def _key_range(start_m, seq_k, q_offset, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Key blocks a query block can see: skip those the causal and window limits rule out."""
@@ -265,15 +277,8 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr,
     WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, LONG_SEQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # LONG_SEQ only picks the tile (TMA_TILES["fwd_long"]). Causal query blocks near the end see the most keys:
-    # launch them first so the tail of the grid is short.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    b = tl.program_id(1) // n_q_heads
-    h = tl.program_id(1) % n_q_heads
-    kv_h = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    # LONG_SEQ only picks the tile (TMA_TILES["fwd_long"]).
+    start_m, b, h, kv_h, offs_m, offs_d, d_ok = _query_block(n_q_heads, group, HEAD_DIM, BLOCK_D, BLOCK_M)
     if TMA:  # Q, K, V: descriptors over [batch, heads, seq, head_dim]; OUT over [batch, seq, heads, head_dim]
         q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
     else:
@@ -483,13 +488,7 @@ def _attn_bwd_dq_kernel(
     WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # With TMA, K and V are tensor descriptors.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest key ranges first, as forward
-    b = tl.program_id(1) // n_q_heads
-    h = tl.program_id(1) % n_q_heads
-    kv_h = h // group
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
+    start_m, b, h, kv_h, offs_m, offs_d, d_ok = _query_block(n_q_heads, group, HEAD_DIM, BLOCK_D, BLOCK_M)
     m_ok = offs_m < seq_q
     q = _load_rows(Q + b * sq_b + h * sq_h, offs_m, seq_q, sq_s, offs_d, HEAD_DIM)
     do = _load_rows(DO + b * sdo_b + h * sdo_h, offs_m, seq_q, sdo_s, offs_d, HEAD_DIM)
