@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +26,19 @@ import accel_patch
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number of ``kind`` above zero, refused with the value named otherwise."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its "invalid ... value" message
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -32,11 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--tiny", action="store_true", help="a small random LLaMA config, for smoke runs")
     parser.add_argument("--mode", choices=["full", "lora"], default="full", help="lora: adapters on an INT8 base")
     parser.add_argument("--data", type=Path, help="a text file; without it, a synthetic token stream")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per device per micro-step")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    parser.add_argument("--max-steps", type=int, default=100, help="optimizer steps")
-    parser.add_argument("--lr", type=float, default=None, help="default: 1e-4 full, 1e-3 lora")
+    parser.add_argument("--seq-len", type=positive(int), default=128)
+    parser.add_argument("--batch-size", type=positive(int), default=4, help="sequences per device per micro-step")
+    parser.add_argument("--grad-accum", type=positive(int), default=1, help="micro-steps per optimizer step")
+    parser.add_argument("--max-steps", type=positive(int), default=100, help="optimizer steps")
+    parser.add_argument("--lr", type=positive(float), default=None, help="default: 1e-4 full, 1e-3 lora")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-patch", action="store_true", help="train the stock HF model, for comparison")
     parser.add_argument("--output-dir", type=Path, help="where to save the trained model (or the adapter)")

@@ -31,6 +31,21 @@ def test_patched_loss_curve_matches_stock_over_30_steps():
         assert abs(a - b) <= 1e-3 * abs(a), (step, a, b)
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-steps", "0", "argument --max-steps: must be above 0, got 0"),
+    ("--seq-len", "-3", "argument --seq-len: must be above 0, got -3"),
+    ("--batch-size", "two", "argument --batch-size: invalid int value: 'two'"),
+    ("--grad-accum", "0", "argument --grad-accum: must be above 0, got 0"),
+    ("--lr", "nan", "argument --lr: must be above 0, got nan"),
+])  # fmt: skip
+def test_bad_numeric_flags_are_refused_by_name(flag, value, message, capsys):
+    # a zero or negative size otherwise surfaced as a ZeroDivisionError or a negative tensor dimension mid-run
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args([*SMALL, flag, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_full_finetune_checkpoint_reloads_with_plain_transformers(tmp_path):
     losses, model = finetune.train(finetune.parse_args([*SMALL, "--max-steps", "3", "--grad-accum", "2",
                                                         "--gradient-checkpointing", "--output-dir", str(tmp_path)]))
