@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import platform
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +17,20 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type (the examples' flags use it too): a number of ``kind`` above zero, else refused with the
+    value named."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its "invalid ... value" message
+    return parse
 
 
 def _device() -> torch.device:
@@ -46,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("env", help="versions, device, and which backend each op uses").set_defaults(func=cmd_env)
     demo = sub.add_parser("demo", help="patch a model, check parity, train, generate and time it")
     demo.add_argument("--model", help="local checkpoint directory (default: a small LLaMA built from a config)")
-    demo.add_argument("--steps", type=int, default=5, help="training steps to run and to time")
+    demo.add_argument("--steps", type=positive(int), default=5, help="training steps to run and to time")
     demo.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     args.func(args)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,21 +21,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import accel_patch
+from accel_patch.cli import positive
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type: a number of ``kind`` above zero, refused with the value named otherwise."""
-
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # what argparse calls the type in its "invalid ... value" message
-    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from accel_patch.cli import main
@@ -30,6 +31,14 @@ def test_demo_runs_and_matches_stock(capsys):
     assert "identical tokens" in out
     losses = re.findall(r"^\s+\d+\s+([0-9.]+)\s+([0-9.]+)$", out, flags=re.M)
     assert len(losses) == 2 and all(abs(float(a) - float(b)) < 1e-3 for a, b in losses)
+
+
+def test_demo_refuses_a_step_count_below_one(capsys):
+    # zero steps had ended in a StatisticsError (no median of no times)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --steps: must be above 0, got 0" in capsys.readouterr().err
 
 
 def test_example_patches_and_generates(capsys):
