@@ -23,6 +23,8 @@ import torch
 from bench_train import CONFIGS
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from accel_patch.cli import positive
+
 from common import slug, write_table
 
 FINETUNE = Path(__file__).parent.parent / "examples" / "finetune.py"
@@ -60,10 +62,10 @@ def run(setup: str, layer: str, checkpoint: Path, args: argparse.Namespace, log:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=list(CONFIGS), default="LLaMA-3.2-1B")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per GPU in the two-GPU runs")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--steps", type=positive(int), default=20)
+    parser.add_argument("--batch-size", type=positive(int), default=4, help="sequences per GPU in the two-GPU runs")
+    parser.add_argument("--seq-len", type=positive(int), default=2048)
+    parser.add_argument("--lr", type=positive(float), default=1e-5)
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=SETUPS, help="'1 GPU' is the reference")
     parser.add_argument("--stock", action="store_true", help="train the stock HF model instead of the patched one")
     args = parser.parse_args()

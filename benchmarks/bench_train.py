@@ -26,6 +26,8 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from accel_patch.cli import positive
+
 CONFIGS = {  # family, config fields
     "LLaMA-3.2-1B": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                                     num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
@@ -140,7 +142,7 @@ def measure(config_name: str, variant: str, tiny: bool, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=positive(int), default=10)
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     parser.add_argument("--profile", nargs=2, metavar=("CONFIG", "VARIANT"))
