@@ -179,9 +179,10 @@ def apply_rope(
     if trig_ok and cos.dim() == 3:
         trig_ok = cos.shape[0] in (1, batch)
     if not trig_ok:
+        batches = "1" if batch == 1 else f"{batch} or 1"
         raise ValueError(
-            f"cos/sin must be [{batch} or 1, {seq}, {head_dim}] (as HF's rotary embedding returns them), "
-            f"got {tuple(cos.shape)}"
+            f"cos/sin must be [{batches}, {seq}, {head_dim}] or [{seq}, {head_dim}] (as HF's rotary embedding "
+            f"returns them), got {tuple(cos.shape)}"
         )
     check_same_device(q=q, k=k, cos=cos, sin=sin)
     return _rope(q, k, cos, sin, False)

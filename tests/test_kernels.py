@@ -433,8 +433,10 @@ def test_bad_inputs_raise_clear_errors():
     cos, sin = hf_cos_sin(1, 3, 6, "cpu")
     with pytest.raises(ValueError, match="even"):
         apply_rope(q[..., :5], k[..., :5], cos[..., :5], sin[..., :5])
-    with pytest.raises(ValueError, match="cos/sin must be"):
+    with pytest.raises(ValueError, match=r"cos/sin must be \[1, 3, 6\] or \[3, 6\] .* got \(1, 2, 6\)"):
         apply_rope(q, k, cos[:, :2], sin[:, :2])
+    with pytest.raises(ValueError, match=r"cos/sin must be \[2 or 1, 3, 6\]"):
+        apply_rope(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), cos[:, :2], sin[:, :2])
     with pytest.raises(ValueError, match="share batch, seq and head_dim"):
         apply_rope(q, torch.randn(1, 1, 4, 6), cos, sin)
     with pytest.raises(ValueError, match=r"\[batch, heads, seq, head_dim\]"):
