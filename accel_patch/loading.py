@@ -9,6 +9,7 @@ high-precision model is never held whole. Saved INT8 models carry ``quantization
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .kernels import quantize_per_channel
 from .patching import patch_model
-from .quantization import Int8Linear, check_quantize, linears_to_convert
+from .quantization import Int8Linear, check_quantize, linears_to_convert, skip_patterns
 
 QUANT_METHOD = "accel_patch_int8"
 
@@ -29,9 +30,9 @@ QUANT_METHOD = "accel_patch_int8"
 class Int8QuantizationConfig(QuantizationConfigMixin):
     """What ``config.json`` records of an accel-patch INT8 model: the method and the Linears left in float."""
 
-    def __init__(self, skip_modules: list[str] | tuple[str, ...] = ("lm_head",), **_ignored: Any) -> None:
+    def __init__(self, skip_modules: str | Iterable[str] | None = ("lm_head",), **_ignored: Any) -> None:
         self.quant_method = QUANT_METHOD
-        self.skip_modules = list(skip_modules)
+        self.skip_modules = skip_patterns(skip_modules)
 
 
 class _QuantizeInt8(ConversionOps):
@@ -75,8 +76,7 @@ class Int8Quantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs) -> None:
-        skip = tuple(self.quantization_config.skip_modules)
-        for parent, child_name, _ in linears_to_convert(model, skip):
+        for parent, child_name, _ in linears_to_convert(model, self.quantization_config.skip_modules):
             linear = getattr(parent, child_name)
             # Not pre-quantized: the weight streams in as float and _QuantizeInt8 turns it into int8 + scale.
             weight_dtype = torch.int8 if self.pre_quantized else linear.weight.dtype
@@ -125,7 +125,7 @@ def from_pretrained(
     *,
     quantize: str | None = None,
     patch: bool = True,
-    skip_modules: tuple[str, ...] = ("lm_head",),
+    skip_modules: str | Iterable[str] | None = ("lm_head",),
     **hf_kwargs: Any,
 ) -> nn.Module:
     """Load a causal LM like ``AutoModelForCausalLM.from_pretrained`` (every keyword of it passes through:
@@ -138,7 +138,7 @@ def from_pretrained(
     if quantize is not None:
         if "quantization_config" in hf_kwargs:
             raise ValueError("pass either quantize='int8' or quantization_config=..., not both")
-        hf_kwargs["quantization_config"] = Int8QuantizationConfig(skip_modules=list(skip_modules))
+        hf_kwargs["quantization_config"] = Int8QuantizationConfig(skip_modules=skip_modules)
     model, info = AutoModelForCausalLM.from_pretrained(name_or_path, output_loading_info=True, **hf_kwargs)
     int8_names = {name for name, module in model.named_modules() if isinstance(module, Int8Linear)}
     missing = sorted(key for key in info["missing_keys"] if key.rpartition(".")[0] in int8_names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -62,23 +62,46 @@ def check_quantize(quantize: str | None, allow_none: bool = False) -> None:
         raise ValueError(f"quantize={quantize!r} is not supported; valid values: {', '.join(map(repr, valid))}")
 
 
-def linears_to_convert(model: nn.Module, skip_modules: tuple[str, ...]) -> Iterator[tuple[nn.Module, str, str]]:
+def skip_patterns(skip_modules: str | Iterable[str] | None) -> list[str]:
+    """``skip_modules`` as a list of patterns: one name or glob alone counts as one pattern, not as its letters;
+    None as none."""
+    if skip_modules is None:
+        return []
+    patterns = [skip_modules] if isinstance(skip_modules, str) else list(skip_modules)
+    strange = [p for p in patterns if not isinstance(p, str)]
+    if strange:
+        raise TypeError(f"skip_modules must hold module names or glob patterns (str), got {strange[0]!r}")
+    return patterns
+
+
+def linears_to_convert(model: nn.Module, skip_modules: list[str]) -> list[tuple[nn.Module, str, str]]:
     """``(parent, child name, full name)`` of every plain ``nn.Linear`` whose name matches no ``skip_modules``
-    pattern (a glob over the full name, or the last name component)."""
+    pattern (a glob over the full name, or the last name component). A pattern that matches no Linear is logged
+    as a warning: a misspelt one would otherwise quantize the layer it meant to keep."""
+    convert, matched = [], set()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full_name = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not any(
-                fnmatch.fnmatch(full_name, pattern) or child_name == pattern for pattern in skip_modules
-            ):
-                yield module, child_name, full_name
+            if type(child) is not nn.Linear:
+                continue
+            hits = {p for p in skip_modules if fnmatch.fnmatch(full_name, p) or child_name == p}
+            matched |= hits
+            if not hits:
+                convert.append((module, child_name, full_name))
+    for pattern in skip_modules:
+        if pattern not in matched:
+            logger.warning("accel_patch: skip_modules pattern %r matches no Linear layer of %s", pattern,
+                           type(model).__name__)  # fmt: skip
+    return convert
 
 
-def quantize_model(model: nn.Module, quantize: str = "int8", skip_modules: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+def quantize_model(model: nn.Module, quantize: str = "int8",
+                   skip_modules: str | Iterable[str] | None = ("lm_head",)) -> nn.Module:  # fmt: skip
     """Replace every ``nn.Linear`` (except names matching ``skip_modules``, glob patterns allowed) with
     :class:`Int8Linear`, in place; returns ``model``. Per-layer SNR of the weights goes to the debug log.
     ``save_pretrained`` then writes an INT8 checkpoint that :func:`accel_patch.from_pretrained` reloads."""
     check_quantize(quantize)
+    skip_modules = skip_patterns(skip_modules)
     converted = 0
     for parent, child_name, full_name in linears_to_convert(model, skip_modules):
         child = getattr(parent, child_name)
@@ -91,7 +114,7 @@ def quantize_model(model: nn.Module, quantize: str = "int8", skip_modules: tuple
     if config is not None and hasattr(config, "to_json_string"):  # a transformers model: saves as INT8
         from .loading import Int8QuantizationConfig
 
-        config.quantization_config = Int8QuantizationConfig(skip_modules=list(skip_modules))
+        config.quantization_config = Int8QuantizationConfig(skip_modules=skip_modules)
     logger.info("accel_patch: quantized %d Linear layers of %s to int8", converted, type(model).__name__)
     return model
 

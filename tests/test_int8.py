@@ -179,6 +179,22 @@ def test_from_pretrained_bad_flag(float_checkpoint):
         accel_patch.from_pretrained(float_checkpoint, quantize="int4")
 
 
+def test_skip_modules_as_one_name_a_misspelt_pattern_and_a_bad_entry(float_checkpoint, caplog):
+    # one name alone is one pattern, not its letters (which match nothing: lm_head would be quantized silently)
+    for model in (quantize_model(tiny_llama(), "int8", skip_modules="lm_head"),
+                  accel_patch.from_pretrained(float_checkpoint, quantize="int8", skip_modules="lm_head")):  # fmt: skip
+        assert type(model.lm_head) is torch.nn.Linear and len(_int8_layers(model)) == 2 * 7
+        assert model.config.quantization_config.skip_modules == ["lm_head"]
+    with caplog.at_level("WARNING", logger="accel_patch"):
+        model = quantize_model(tiny_llama(), "int8", skip_modules=("lm-head", "*.mlp.down_proj"))
+    assert "skip_modules pattern 'lm-head' matches no Linear layer of LlamaForCausalLM" in caplog.text
+    assert "down_proj" not in caplog.text  # the glob matched
+    assert isinstance(model.lm_head, Int8Linear) and type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert len(_int8_layers(quantize_model(tiny_llama(), "int8", skip_modules=None))) == 2 * 7 + 1
+    with pytest.raises(TypeError, match="skip_modules must hold module names or glob patterns"):
+        quantize_model(tiny_llama(), "int8", skip_modules=["lm_head", torch.nn.Linear])
+
+
 def test_int8_checkpoint_saves_and_reloads_identically(float_checkpoint, tmp_path):
     model = accel_patch.from_pretrained(float_checkpoint, quantize="int8", dtype=torch.float32).eval()
     ids = torch.randint(0, 256, (2, 12))
