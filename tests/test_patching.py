@@ -154,7 +154,8 @@ def test_static_cache_generation_matches_stock(family, backend):
 def test_training_follows_stock_loss_curve(family, backend):
     stock, patched = stock_and_patched(family)
     ids = torch.randint(3, VOCAB, (4, 16))
-    curves = [loss_curve(stock, ids), loss_curve(patched, ids)]
+    # 8 AdamW steps: the loss already falls by 1.4-1.8 (20 steps cost the interpreter ~2.5 min per family)
+    curves = [loss_curve(stock, ids, steps=8), loss_curve(patched, ids, steps=8)]
     assert curves[0][-1] < curves[0][0] - 0.5  # the run really trains
     assert rel_err(curves[1], curves[0]) < 1e-4
 
