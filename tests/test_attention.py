@@ -283,6 +283,49 @@ def test_long_query_sequences_take_the_larger_forward_tile(head_dim):
     assert not kernels._tma_ready(q, k, v) or kernels.TMA_TILES["fwd_long"][head_dim] in tuned
 
 
+ORDER_DEVICES = ["cpu"] * TRITON_ON_CPU + [pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", ORDER_DEVICES)
+@pytest.mark.parametrize("case", ["gqa2_cache_offset", "wide_window_cache_offset", "padding_across_cells"])
+def test_both_grid_orders_give_the_same_numbers(device, case, monkeypatch):
+    """Whether a grid runs every head's longest programs first or each head's programs together is a matter of
+    speed (see _heads_first): outputs and gradients must come out bit for bit the same either way."""
+    kernels = importlib.import_module("accel_patch.kernels.attention")
+    head_dim, dtype = (16, torch.float32) if device == "cpu" else (64, torch.bfloat16)
+    (q, k, v), kwargs, _ = _inputs(case, head_dim, dtype, device)
+    dout = torch.randn(q.shape[0], q.shape[2], q.shape[1], head_dim, device=device, dtype=dtype)
+    orders_launched, grid = set(), kernels._grid
+
+    def recording_grid(heads_first, heads, blocks):
+        orders_launched.add(heads_first)
+        return grid(heads_first, heads, blocks)
+
+    monkeypatch.setattr(kernels, "_grid", recording_grid)
+    results = []
+    for heads_first in (True, False):
+        monkeypatch.setattr(kernels, "_heads_first", lambda k, v, first=heads_first: first)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with force_backend("triton"):
+            out = attention(*leaves, **kwargs)
+            out.backward(dout)
+        results.append([out, *(t.grad for t in leaves)])
+    assert orders_launched == {True, False}
+    for name, first, per_head in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        assert torch.equal(first, per_head), name
+
+
+def test_heads_first_only_while_k_and_v_fit_in_half_the_l2_cache():
+    kernels = importlib.import_module("accel_patch.kernels.attention")
+
+    def keys(batch, heads, seq, head_dim):  # on the meta device: sized by the H100's L2 cache, as on the CPU
+        return torch.empty(batch, heads, seq, head_dim, dtype=torch.bfloat16, device="meta")
+
+    assert kernels._heads_first(keys(4, 8, 2048, 64), keys(4, 8, 2048, 64))  # K and V 16.8 MB
+    assert not kernels._heads_first(keys(4, 8, 2048, 128), keys(4, 8, 2048, 128))  # 33.5 MB
+    assert not kernels._heads_first(keys(4, 32, 2048, 64), keys(4, 32, 2048, 64))  # 67 MB
+
+
 def test_attention_bad_inputs():
     q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="not a multiple"):
