@@ -49,7 +49,7 @@ TMA_TILES = {
     "dkdv": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)},
 }
 LONG_QUERIES = {64: 8192, 128: 4096}
-H100_L2_BYTES = 50 * 2**20
+H100_L2_BYTES = 50 * 2**20  # the L2 cache that _heads_first assumes where there is none (the CPU interpreter)
 # Every tile side in the lists below divides this: sequences of a multiple of it have no ragged tile.
 LARGEST_TILE = 128
 # The masks' spans (see _mask_spans) are kept per MASK_CELL queries or keys: every tile lies in one cell.
@@ -405,7 +405,7 @@ def _attn_bwd_dkdv_kernel(
     WHOLE_TILES: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     # One program owns a block of keys of one KV head and sums over every query head of its group,
-    # so grouped-query gradients need no atomics. Key blocks run first first: under a causal mask those see the
+    # so grouped-query gradients need no atomics. Key blocks run from the first: under a causal mask those see the
     # most queries. The grid's axes are as in _query_block. With TMA, Q and DO are tensor descriptors.
     if HEADS_FIRST:
         head, block = tl.program_id(0), tl.program_id(1)
