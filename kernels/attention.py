@@ -784,8 +784,8 @@ def _heads_first(k: torch.Tensor, v: torch.Tensor) -> bool:
     any shorter one, or each head's programs together. Heads first gives the shortest tail, but the programs that
     run at once then read every head's K and V (dK/dV: Q and dO): that pays only while those fit the L2 cache with
     room to spare. H100 (50 MB L2), bf16 causal, one A/B run, heads first against per head, forward / backward
-    speed: K+V 16.8 MB at (4, 32/8, 2048, 64) 1.05 / 1.08 and (8, 32/8, 1024, 64) 1.04 / 1.08; 33.5 MB at
-    (4, 32/8, 2048, 128) 0.98 / 1.04 and (8, 32/8, 1024, 128) 0.94 / 1.01; 67 MB 0.94 / 0.88 and 0.98 / 0.93;
+    speed: K+V 16.8 MB at (4, 32/8, 2048, 64) 1.05 / 1.08 and (8, 32/8, 1024, 64) 1.04 / 1.075; 33.5 MB at
+    (4, 32/8, 2048, 128) 0.98 / 1.04 and (8, 32/8, 1024, 128) 0.94 / 1.00; 67 MB 0.94 / 0.88 and 0.98 / 0.93;
     134 MB at (4, 32/32, 2048, 128) 0.66 / 0.83. The CPU has no L2: it takes the H100's, for the same choice."""
     l2_bytes = _l2_bytes(k.get_device()) if k.is_cuda else H100_L2_BYTES
     return 2 * (k.numel() * k.element_size() + v.numel() * v.element_size()) <= l2_bytes
