@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import torch
 from torch import nn
 
 from .kernels import choose_backend
@@ -44,6 +45,11 @@ def patch_model(
         raise ValueError(
             f"model_type {', '.join(map(repr, unsupported))} is not supported; "
             f"patch_model supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if any(p.dtype == torch.float64 for p in model.parameters()):
+        raise TypeError(
+            "the model holds float64 parameters and the kernels take float16, bfloat16 or float32; cast it before "
+            "patching (model.float(), or dtype= when loading it), or leave it unpatched"
         )
     swapped: Counter = Counter()
     for decoder in decoders:

@@ -97,7 +97,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 
 def check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32")
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32: cast it first")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

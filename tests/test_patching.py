@@ -324,6 +324,10 @@ def test_unsupported_models_and_configs_raise():
     with pytest.raises(ValueError, match="hidden_act='gelu'.*swiglu=False"):
         patch_model(gelu)
     patch_model(gelu, swiglu=False)  # the rest still patches
+    double = AutoModelForCausalLM.from_config(tiny_config("llama")).double()
+    with pytest.raises(TypeError, match=r"float64 parameters.*model\.float\(\)"):
+        patch_model(double)
+    assert not any(isinstance(m, Attention) for m in double.modules())  # refused before any swap
 
 
 def assert_compiled_training_step_matches_stock(family: str, device: str, compile_backend: str) -> None:
