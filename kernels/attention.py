@@ -236,8 +236,9 @@ def _attn_fwd_blocks(
 def _autotune(for_head_dim_up_to_128, for_head_dim_256, tma_tiles, long_tma_tiles=None):
     """``triton.autotune`` over (BLOCK_M, BLOCK_N, warps, stages) shapes: one list for head dims up to 128, one
     for larger ones (whose tiles must be smaller to fit shared memory). Autotuning happens on the first call per
-    key: head dim, dtype and which masks apply; not the lengths, so that training and generation with ever-new
-    lengths do not recompile and retune (each new key compiles every config: seconds per kernel).
+    key: head dim, dtype, which masks apply and the grid's order (see _heads_first: it flips once as K and V
+    outgrow half the L2 cache); not the lengths, so that training and generation with ever-new lengths do not
+    recompile and retune (each new key compiles every config: seconds per kernel).
     ``ACCEL_PATCH_AUTOTUNE=0`` keeps only the first shape of each list: one compile per key, no tuning. With TMA,
     the one tile of ``tma_tiles`` for the head dim (the host built its descriptors for it), or of ``long_tma_tiles``
     where the kernel's ``LONG_SEQ`` is set."""
