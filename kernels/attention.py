@@ -114,15 +114,22 @@ def _visible(offs_m, offs_n, b, seq_q, seq_k, q_offset, window, MASK, sm_b, sm_q
 
 
 @triton.jit
+def _grid_position(HEADS_FIRST: tl.constexpr):
+    """A program's (batch-and-head index, block index, number of blocks) in a grid laid out by ``_grid``."""
+    if HEADS_FIRST:
+        head, block, n_blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    else:
+        head, block, n_blocks = tl.program_id(1), tl.program_id(0), tl.num_programs(0)
+    return head, block, n_blocks
+
+
+@triton.jit
 def _query_block(n_q_heads, group, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  HEADS_FIRST: tl.constexpr):
     """A query-block program's (first query, batch, query head, KV head, query rows, head-dim columns, columns in
     the head). Query blocks run last first: under a causal mask those see the most keys. ``HEADS_FIRST``: the grid
     is (heads, query blocks), else (query blocks, heads); see :func:`_heads_first`."""
-    if HEADS_FIRST:
-        head, block, n_blocks = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-    else:
-        head, block, n_blocks = tl.program_id(1), tl.program_id(0), tl.num_programs(0)
+    head, block, n_blocks = _grid_position(HEADS_FIRST)
     start_m = (n_blocks - 1 - block) * BLOCK_M
     b = head // n_q_heads
     h = head % n_q_heads
@@ -408,10 +415,7 @@ def _attn_bwd_dkdv_kernel(
     # One program owns a block of keys of one KV head and sums over every query head of its group,
     # so grouped-query gradients need no atomics. Key blocks run from the first: under a causal mask those see the
     # most queries. The grid's axes are as in _query_block. With TMA, Q and DO are tensor descriptors.
-    if HEADS_FIRST:
-        head, block = tl.program_id(0), tl.program_id(1)
-    else:
-        head, block = tl.program_id(1), tl.program_id(0)
+    head, block, _ = _grid_position(HEADS_FIRST)
     start_n = block * BLOCK_N
     b = head // n_kv_heads
     kv_h = head % n_kv_heads
