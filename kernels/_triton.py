@@ -160,4 +160,21 @@ def cached_launch(kernel):
     return _CachedLaunch(kernel, direct)
 
 
-__all__ = ["TRITON_INSTALLED", "TensorDescriptor", "cached_launch", "cdiv", "next_power_of_2", "tl", "triton"]
+_split_counters: dict[tuple, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` (or more) int32 counters, zero between launches, for kernels whose programs split one output's work
+    and whose last program to finish (counted by an atomic add) merges the parts and sets its counter back to 0. One
+    buffer per device and stream, shared by every such kernel: launches on one stream run one after another, and
+    launches running at once (other streams) never share one."""
+    stream = triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _split_counters.get(key)
+    if counters is None or counters.numel() < count:
+        counters = _split_counters[key] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return counters
+
+
+__all__ = ["TRITON_INSTALLED", "TensorDescriptor", "cached_launch", "cdiv", "next_power_of_2", "split_counters", "tl",
+           "triton"]

@@ -31,7 +31,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import TensorDescriptor, cached_launch, cdiv, next_power_of_2, tl, triton
+from ._triton import TensorDescriptor, cached_launch, cdiv, next_power_of_2, split_counters, tl, triton
 
 LOG2E = 1.4426950408889634
 # Each kernel's tile (BLOCK_M, BLOCK_N, warps, stages) by head dim where TMA copies its tiles (one tile: the host
@@ -542,10 +542,11 @@ def _attn_bwd_dq_kernel(
 @cached_launch
 @triton.jit
 def _attn_decode_kernel(
-    Q, K, V, PART_OUT, PART_LSE, MASK, KPM,
+    Q, K, V, OUT, LSE, PART_OUT, PART_LSE, COUNTERS, MASK, KPM,
     sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sm_k, skpm_b,
     n_kv_heads, group, seq_k, window, keys_per_split, n_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    MERGE_HEADS: tl.constexpr, MERGE_SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Flash-decoding: one query per sequence, the keys split across programs so that even batch 1 fills the
@@ -554,7 +555,6 @@ def _attn_decode_kernel(
     b = tl.program_id(1) // n_kv_heads
     kv_h = tl.program_id(1) % n_kv_heads
     rows = tl.arange(0, BLOCK_G)
-    heads = kv_h * group + rows
     row_ok = rows < group
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -586,32 +586,60 @@ def _attn_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     empty = l_i == 0.0
-    part = (b * n_kv_heads * group + heads) * n_splits + split
-    tl.store(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
-             mask=row_ok[:, None] & d_ok[None, :])
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(PART_LSE + part, lse, mask=row_ok)
+    out_rows = b * n_kv_heads * group + kv_h * group  # the group's first (batch, head) row of OUT and LSE
+    if n_splits == 1:
+        tl.store(OUT + (out_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :],
+                 (acc / tl.where(empty, 1.0, l_i)[:, None]).to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + out_rows + rows, tl.where(empty, float("inf"), lse), mask=row_ok)
+    else:
+        part = (out_rows + rows) * n_splits + split
+        tl.store(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
+                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(PART_LSE + part, lse, mask=row_ok)
+        tl.debug_barrier()  # every thread's partial results are written before the count says so (release)
+        # The last of the group's programs to finish merges the splits: one launch, where a separate merging
+        # kernel was a second one (a decode step is host-bound, and batch-1 decode short).
+        if tl.atomic_add(COUNTERS + tl.program_id(1), 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+            _merge_splits(PART_OUT, PART_LSE, OUT, LSE, out_rows, group, n_splits, HEAD_DIM, BLOCK_D, MERGE_HEADS,
+                          MERGE_SPLITS)
+            tl.store(COUNTERS + tl.program_id(1), 0)
 
 
-@cached_launch
 @triton.jit
-def _attn_decode_combine_kernel(PART_OUT, PART_LSE, OUT, LSE, n_splits, HEAD_DIM: tl.constexpr,
-                                BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge one (batch, head)'s split partial softmaxes by their log-sum-exps (one launch, not a chain of ops)."""
-    row = tl.program_id(0)
+def _merge_splits(PART_OUT, PART_LSE, OUT, LSE, first_row, n_rows, n_splits, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge rows ``first_row ..`` (``n_rows`` of them, one per query head)'s split partial softmaxes by their
+    log-sum-exps, ``BLOCK_S`` splits at a time, all the rows' loads at once: an online softmax over the splits."""
+    heads = tl.arange(0, BLOCK_H)
     splits = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = splits < n_splits
-    lse = tl.load(PART_LSE + row * n_splits + splits, mask=s_ok, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    empty = lse_max == float("-inf")
-    weights = tl.exp2(lse - tl.where(empty, 0.0, lse_max))  # 0 for empty splits
-    total = tl.sum(weights, 0)
-    part = tl.load(PART_OUT + (row * n_splits + splits)[:, None] * HEAD_DIM + offs_d[None, :],
-                   mask=s_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-    out = tl.sum(weights[:, None] * part, 0) / tl.where(empty, 1.0, total)
-    tl.store(OUT + row * HEAD_DIM + offs_d, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
-    tl.store(LSE + row, tl.where(empty, float("inf"), lse_max + tl.log2(tl.where(empty, 1.0, total))))
+    row_ok = heads < n_rows
+    d_ok = offs_d < HEAD_DIM
+    lse_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for first in range(0, n_splits, BLOCK_S):
+        part = (first_row + heads)[:, None] * n_splits + first + splits[None, :]
+        ok = row_ok[:, None] & (first + splits < n_splits)[None, :]
+        # .cg: from L2, where the other programs' stores are
+        lse = tl.load(PART_LSE + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        out = tl.load(PART_OUT + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                      mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        max_new = tl.maximum(lse_max, tl.max(lse, 1))
+        max_safe = tl.where(max_new == float("-inf"), 0.0, max_new)
+        weights = tl.exp2(lse - max_safe[:, None])  # 0 for empty splits
+        alpha = tl.exp2(lse_max - max_safe)
+        total = total * alpha + tl.sum(weights, 1)
+        acc = acc * alpha[:, None] + tl.sum(weights[:, :, None] * out, 1)
+        lse_max = max_new
+    empty = total == 0.0
+    tl.store(OUT + (first_row + heads)[:, None] * HEAD_DIM + offs_d[None, :],
+             (acc / tl.where(empty, 1.0, total)[:, None]).to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + first_row + heads, tl.where(empty, float("inf"), lse_max + tl.log2(tl.where(empty, 1.0, total))),
+             mask=row_ok)
 
 
 def _mask_args(attn_mask, key_padding_mask, q):
@@ -853,6 +881,9 @@ DECODE_BLOCK_N = 64
 # keys ran fastest in 16 splits of 256 (11.3 us; 12.1 in 32 of 128), 8192 in 32 of 256 and 32768 in 32 of 1024
 # (which the GPU-filling target gives anyway). bench_attention at 4096 keys: 11.4 us, 12.3 before this floor.
 DECODE_MIN_KEYS = 4 * DECODE_BLOCK_N
+# The last program of a split decode merges at most this many float32 partial outputs at once (64 registers a
+# thread at 4 warps): all of a group's heads and as many splits as fit.
+MERGE_VALUES = 8192
 
 
 def _decode_splits(batch_kv: int, seq_k: int, device: torch.device) -> int:
@@ -866,31 +897,34 @@ def _decode_splits(batch_kv: int, seq_k: int, device: torch.device) -> int:
 
 
 def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
-    """One query per sequence: split-K partial softmaxes, merged by their log-sum-exps."""
+    """One query per sequence: split-K partial softmaxes, merged by their log-sum-exps in the same launch."""
     batch, n_q, _, head_dim = q.shape
     n_kv, seq_k = k.shape[1], k.shape[2]
     group = n_q // n_kv
     splits = _decode_splits(batch * n_kv, seq_k, q.device)
     keys_per_split = cdiv(cdiv(seq_k, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
     splits = cdiv(seq_k, keys_per_split)
-    part_out = torch.empty((batch, n_q, splits, head_dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((batch, n_q, splits), dtype=torch.float32, device=q.device)
+    out = torch.empty((batch, 1, n_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_q, 1), dtype=torch.float32, device=q.device)
+    if splits == 1:
+        part_out, part_lse, counters = out, lse, lse  # unused
+    else:
+        part_out = torch.empty((batch, n_q, splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, n_q, splits), dtype=torch.float32, device=q.device)
+        counters = split_counters(q.device, batch * n_kv)
+    block_d = max(16, next_power_of_2(head_dim))
+    merge_heads = next_power_of_2(group)
+    merge_splits = min(next_power_of_2(splits), max(1, MERGE_VALUES // (merge_heads * block_d)))
     mask, (sm_b, _, sm_k), kpm, skpm_b = _mask_args(attn_mask, key_padding_mask, q)
     flags = _flags(attn_mask, key_padding_mask, True, window, q.dtype, 1, seq_k)
     _attn_decode_kernel[(splits, batch * n_kv)](
-        q, k, v, part_out, part_lse, mask, kpm,
+        q, k, v, out, lse, part_out, part_lse, counters, mask, kpm,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         sm_b, sm_k, skpm_b, n_kv, group, seq_k, window, keys_per_split, splits, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
-        BLOCK_G=max(16, next_power_of_2(group)), BLOCK_N=DECODE_BLOCK_N,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, merge_heads), BLOCK_N=DECODE_BLOCK_N,
+        MERGE_HEADS=merge_heads, MERGE_SPLITS=merge_splits,
         HAS_WINDOW=flags["HAS_WINDOW"], HAS_MASK=flags["HAS_MASK"], HAS_KPM=flags["HAS_KPM"],
         DOT_PRECISION=flags["DOT_PRECISION"], num_warps=4,
-    )  # fmt: skip
-    out = torch.empty((batch, 1, n_q, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, n_q, 1), dtype=torch.float32, device=q.device)
-    _attn_decode_combine_kernel[(batch * n_q,)](
-        part_out, part_lse, out, lse, splits, HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)),
-        BLOCK_S=max(16, next_power_of_2(splits)), num_warps=4,
     )  # fmt: skip
     return out, lse
 

@@ -34,7 +34,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import cached_launch, cdiv, next_power_of_2, tl, triton
+from ._triton import cached_launch, cdiv, next_power_of_2, split_counters, tl, triton
 
 # int8 -> float32 by bit tricks, four values per 32-bit register, for the one-row kernel (the tensor-core
 # kernels convert to 16 bits, where Triton already does so without I2F). Triton's own int8 -> float32 is I2F,
@@ -377,21 +377,11 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
     return c
 
 
-_tile_counters: dict[tuple, torch.Tensor] = {}
-
-
 def _split_buffers(c: torch.Tensor, splits: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(partial sums, tile counters)`` for a split-K launch writing ``c`` (one split: ``c`` twice, unused). The
-    counters are zero between launches (each launch's last programs set theirs back): one buffer per device and
-    stream, so that launches running at once never share one."""
+    """``(partial sums, tile counters)`` for a split-K launch writing ``c`` (one split: ``c`` twice, unused)."""
     if splits == 1:
         return c, c
-    device = c.device
-    stream = triton.runtime.driver.active.get_current_stream(device.index) if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _tile_counters.get(key)
-    if counters is None or counters.numel() < tiles:
-        counters = _tile_counters[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    counters = split_counters(c.device, tiles)
     return c.new_empty((splits, *c.shape), dtype=torch.float32), counters
 
 

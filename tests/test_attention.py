@@ -326,6 +326,33 @@ def test_heads_first_only_while_k_and_v_fit_in_half_the_l2_cache():
     assert not kernels._heads_first(keys(4, 32, 2048, 64), keys(4, 32, 2048, 64))  # 67 MB
 
 
+@pytest.mark.parametrize("device", ORDER_DEVICES)
+@pytest.mark.parametrize("splits_per_pass", [1, 2])
+@pytest.mark.parametrize("case", ["decode_long_padded", "decode_window"])
+def test_decode_merges_its_splits_in_passes_and_leaves_its_counters_at_zero(device, splits_per_pass, case,
+                                                                           monkeypatch):
+    """The decode kernel's last program per (batch, KV head) merges the splits' partial softmaxes, a few splits at a
+    time (MERGE_VALUES), found by a counter it sets back to 0: a leftover count would make the next call merge too
+    early (a partial result) or never (stale output). Passes of one split and of two (the last one ragged)."""
+    kernels = importlib.import_module("accel_patch.kernels.attention")
+    from accel_patch.kernels import _triton
+
+    head_dim, dtype = (16, torch.float32) if device == "cpu" else (64, torch.bfloat16)
+    (q, k, v), kwargs, ok = _inputs(case, head_dim, dtype, device)
+    group = q.shape[1] // k.shape[1]
+    monkeypatch.setattr(kernels, "DECODE_MIN_KEYS", kernels.DECODE_BLOCK_N)  # the GPU's floor: several splits here
+    splits = kernels._decode_splits(q.shape[0] * k.shape[1], k.shape[2], q.device)
+    assert splits > splits_per_pass  # the merge runs, in more than one pass
+    monkeypatch.setattr(kernels, "MERGE_VALUES", splits_per_pass * _triton.next_power_of_2(group) * max(16, head_dim))
+    with force_backend("triton"):
+        first, second = attention(q, k, v, **kwargs), attention(q, k, v, **kwargs)
+    expected = attention64(*(t.cpu().double() for t in (q, k, v)), ok, head_dim**-0.5)
+    assert rel_err(first, expected) < TOL[dtype]
+    assert torch.equal(first, second)
+    counters = [c for (where, _), c in _triton._split_counters.items() if where.type == device]
+    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
+
+
 def test_attention_bad_inputs():
     q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="not a multiple"):

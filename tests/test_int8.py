@@ -351,7 +351,7 @@ def test_split_k_launches_repeat_exactly_and_reset_their_counters(device, dtype,
     # Split-K launches (decode-sized and tile-sized row counts) add their partial sums in the last program per
     # tile, counted in a buffer that each launch must leave at zero: a leftover count would make the next launch
     # skip a tile's store (stale output) or store it early (a partial sum).
-    from accel_patch.kernels import int8_matmul
+    from accel_patch.kernels import _triton, int8_matmul
 
     m_small, m_tiled, k, n = SHAPES[device][1][0], DECODE_ROWS + 16, 1031, 77
     dev = torch.device(device)
@@ -367,7 +367,7 @@ def test_split_k_launches_repeat_exactly_and_reset_their_counters(device, dtype,
             first, second = int8_linear(x, w_int8, scale, bias), int8_linear(x, w_int8, scale, bias)
             assert torch.equal(first, second), m  # the partial sums are added in a fixed order
             assert rel_err(first, x.double() @ w64.t() + bias.double()) < TOL[dtype], m
-    counters = [c for (where, _), c in int8_matmul._tile_counters.items() if where.type == dev.type]
+    counters = [c for (where, _), c in _triton._split_counters.items() if where.type == dev.type]
     assert backend == "reference" or counters, "no split-K launch ran"
     assert all(int(c.abs().sum()) == 0 for c in counters)
 
@@ -378,7 +378,7 @@ def test_every_tiled_configuration_matches_float64(scale_out):
     # The autotuner runs one shape per size, and only times the others (the tests tune nothing: they run the first):
     # run each one on its own, at a size where all of them may split K, so that a wrong tile, split or partial-sum
     # store cannot hide behind the winner.
-    from accel_patch.kernels import int8_matmul
+    from accel_patch.kernels import _triton, int8_matmul
 
     launcher = int8_matmul._w8a16_tiled_kernel  # the cached direct launch
     tuner = launcher.kernel  # the autotuner inside it
@@ -406,5 +406,5 @@ def test_every_tiled_configuration_matches_float64(scale_out):
     finally:
         tuner.configs, tuner.cache = tried, {}
         launcher.launches.clear()
-    counters = [c for (where, _), c in int8_matmul._tile_counters.items() if where.type == "cuda"]
+    counters = [c for (where, _), c in _triton._split_counters.items() if where.type == "cuda"]
     assert counters and all(int(c.abs().sum()) == 0 for c in counters)
