@@ -56,6 +56,7 @@ CASES = {  # name: (batch, q_heads, kv_heads, seq_q, seq_k, mask kind); head dim
     "decode_long_padded": (2, 8, 2, 1, 300, "left_pad"),
     "decode_window": (1, 4, 1, 1, 150, "window"),
     "decode_dense_mask": (2, 4, 2, 1, 90, "dense"),
+    "decode_no_grouping": (1, 2, 2, 1, 150, "causal"),
     # masks that hide keys in some 128 x 128 cells of the kernels' block maps and not in others
     "padding_across_cells": (2, 2, 1, 300, 300, "cell_pad"),
     "dense_holes_across_cells": (2, 2, 1, 260, 260, "dense_holes"),
@@ -328,7 +329,7 @@ def test_heads_first_only_while_k_and_v_fit_in_half_the_l2_cache():
 
 @pytest.mark.parametrize("device", ORDER_DEVICES)
 @pytest.mark.parametrize("splits_per_pass", [1, 2])
-@pytest.mark.parametrize("case", ["decode_long_padded", "decode_window"])
+@pytest.mark.parametrize("case", ["decode_long_padded", "decode_window", "decode_no_grouping"])
 def test_decode_merges_its_splits_in_passes_and_leaves_its_counters_at_zero(device, splits_per_pass, case,
                                                                            monkeypatch):
     """The decode kernel's last program per (batch, KV head) merges the splits' partial softmaxes, a few splits at a
