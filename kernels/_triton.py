@@ -176,5 +176,14 @@ def split_counters(device: torch.device, count: int) -> torch.Tensor:
     return counters
 
 
-__all__ = ["TRITON_INSTALLED", "TensorDescriptor", "cached_launch", "cdiv", "next_power_of_2", "split_counters", "tl",
-           "triton"]
+@triton.jit
+def last_to_finish(COUNTERS, slot, n_parts):
+    """True in the last of the ``n_parts`` programs that call this for counter ``slot`` (of :func:`split_counters`),
+    once each has stored its part: that program merges the parts, then sets the counter back to 0. The barrier makes
+    every thread's stores precede the count (release); the count's acquire makes the others' stores visible."""
+    tl.debug_barrier()
+    return tl.atomic_add(COUNTERS + slot, 1, sem="acq_rel", scope="gpu") == n_parts - 1
+
+
+__all__ = ["TRITON_INSTALLED", "TensorDescriptor", "cached_launch", "cdiv", "last_to_finish", "next_power_of_2",
+           "split_counters", "tl", "triton"]

@@ -31,7 +31,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import TensorDescriptor, cached_launch, cdiv, next_power_of_2, split_counters, tl, triton
+from ._triton import TensorDescriptor, cached_launch, cdiv, last_to_finish, next_power_of_2, split_counters, tl, triton
 
 LOG2E = 1.4426950408889634
 # Each kernel's tile (BLOCK_M, BLOCK_N, warps, stages) by head dim where TMA copies its tiles (one tile: the host
@@ -585,26 +585,31 @@ def _attn_decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    empty = l_i == 0.0
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    out_rows = b * n_kv_heads * group + kv_h * group  # the group's first (batch, head) row of OUT and LSE
+    first_row = b * n_kv_heads * group + kv_h * group  # the group's first (batch, head) row of OUT and LSE
     if n_splits == 1:
-        tl.store(OUT + (out_rows + rows)[:, None] * HEAD_DIM + offs_d[None, :],
-                 (acc / tl.where(empty, 1.0, l_i)[:, None]).to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + out_rows + rows, tl.where(empty, float("inf"), lse), mask=row_ok)
+        _store_softmax_rows(OUT, LSE, first_row + rows, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM, float("inf"))
     else:
-        part = (out_rows + rows) * n_splits + split
-        tl.store(PART_OUT + part[:, None] * HEAD_DIM + offs_d[None, :], acc / tl.where(empty, 1.0, l_i)[:, None],
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(PART_LSE + part, lse, mask=row_ok)
-        tl.debug_barrier()  # every thread's partial results are written before the count says so (release)
+        # each split's partial softmax; an empty one gets log-sum-exp -inf, so that the merge weighs it 0
+        _store_softmax_rows(PART_OUT, PART_LSE, (first_row + rows) * n_splits + split, acc, m_i, l_i, row_ok, offs_d,
+                            HEAD_DIM, float("-inf"))
         # The last of the group's programs to finish merges the splits: one launch, where a separate merging
         # kernel was a second one (a decode step is host-bound, and batch-1 decode short).
-        if tl.atomic_add(COUNTERS + tl.program_id(1), 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-            _merge_splits(PART_OUT, PART_LSE, OUT, LSE, out_rows, group, n_splits, HEAD_DIM, BLOCK_D, MERGE_HEADS,
+        if last_to_finish(COUNTERS, tl.program_id(1), n_splits):
+            _merge_splits(PART_OUT, PART_LSE, OUT, LSE, first_row, group, n_splits, HEAD_DIM, BLOCK_D, MERGE_HEADS,
                           MERGE_SPLITS)
             tl.store(COUNTERS + tl.program_id(1), 0)
+
+
+@triton.jit
+def _store_softmax_rows(OUT, LSE, rows, acc, m_i, l_i, row_ok, offs_d, HEAD_DIM: tl.constexpr,
+                        EMPTY_LSE: tl.constexpr):  # fmt: skip
+    """Store the softmax rows ``acc / l_i`` at ``OUT[rows]`` (in OUT's dtype) and their base-2 log-sum-exps
+    ``m_i + log2(l_i)`` at ``LSE[rows]``; a row with nothing visible (l_i = 0) stores zeros and ``EMPTY_LSE``."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    tl.store(OUT + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(LSE + rows, tl.where(empty, EMPTY_LSE, m_i + tl.log2(l_safe)), mask=row_ok)
 
 
 @triton.jit
@@ -634,12 +639,7 @@ def _merge_splits(PART_OUT, PART_LSE, OUT, LSE, first_row, n_rows, n_splits, HEA
         total = total * alpha + tl.sum(weights, 1)
         acc = acc * alpha[:, None] + tl.sum(weights[:, :, None] * out, 1)
         lse_max = max_new
-    empty = total == 0.0
-    tl.store(OUT + (first_row + heads)[:, None] * HEAD_DIM + offs_d[None, :],
-             (acc / tl.where(empty, 1.0, total)[:, None]).to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + first_row + heads, tl.where(empty, float("inf"), lse_max + tl.log2(tl.where(empty, 1.0, total))),
-             mask=row_ok)
+    _store_softmax_rows(OUT, LSE, first_row + heads, acc, lse_max, total, row_ok, offs_d, HEAD_DIM, float("inf"))
 
 
 def _mask_args(attn_mask, key_padding_mask, q):

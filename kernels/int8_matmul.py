@@ -34,7 +34,7 @@ from ._backend import (
     unit_last_stride,
     use_triton,
 )
-from ._triton import cached_launch, cdiv, next_power_of_2, split_counters, tl, triton
+from ._triton import cached_launch, cdiv, last_to_finish, next_power_of_2, split_counters, tl, triton
 
 # int8 -> float32 by bit tricks, four values per 32-bit register, for the one-row kernel (the tensor-core
 # kernels convert to 16 bits, where Triton already does so without I2F). Triton's own int8 -> float32 is I2F,
@@ -78,8 +78,7 @@ def _store_split(acc, C, offsets, PARTIAL, COUNTERS, tile, split, splits, mn, ma
         tl.store(C + offsets, acc.to(C.dtype.element_ty), mask=mask)
     else:
         tl.store(PARTIAL + split * mn + offsets, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial sums are written before the count says so (release)
-        if tl.atomic_add(COUNTERS + tile, 1, sem="acq_rel", scope="gpu") == splits - 1:
+        if last_to_finish(COUNTERS, tile, splits):
             total = tl.zeros_like(acc)
             for s in range(splits):  # .cg: from L2, where the other programs' stores are
                 total += tl.load(PARTIAL + s * mn + offsets, mask=mask, other=0.0, cache_modifier=".cg")
