@@ -8,6 +8,8 @@ The stock module is kept outside the module tree (not registered) so that it can
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import sys
 import types
 import weakref
@@ -20,6 +22,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..kernels import apply_rope, rms_norm, rms_norm_keeping_input, shared_input_linears, swiglu, swiglu_linear
 from ..kernels._backend import use_triton
 from .hf_attention import accel_triton_attention
+
+logger = logging.getLogger("accel_patch")
 
 
 class KernelModule(nn.Module):
@@ -191,6 +195,18 @@ def _stock_function(stock: nn.Module, name: str) -> Callable:
     return getattr(sys.modules[type(stock).__module__], name)
 
 
+@functools.cache  # once a process, as HF warns for its SDPA attention
+def _warn_no_attention_weights() -> None:
+    """HF collects ``output_attentions`` through hooks on its own attention classes; a patched layer holds ours, so
+    a patched model returns no attention weights (the Triton kernel never forms them), which would otherwise pass
+    unnoticed: HF's eager attention returns them."""
+    logger.warning(
+        "accel_patch: a patched model returns no attention weights, so output_attentions=True gives none (as with "
+        "HF's sdpa attention); for them, run a model that patch_model has not touched, with "
+        "attn_implementation='eager'"
+    )
+
+
 class Attention(KernelModule):
     """Projections, optional q/k RMSNorm (Qwen3), RoPE, KV-cache update, attention, output projection.
 
@@ -244,5 +260,7 @@ class Attention(KernelModule):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling, sliding_window=self.sliding_window, **kwargs,
         )  # fmt: skip
+        if kwargs.get("output_attentions"):
+            _warn_no_attention_weights()
         output = output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(output), weights

@@ -288,6 +288,28 @@ def test_to_dtype_after_patching(backend):
     assert rel_err(patched(ids).logits, stock(ids).logits) < 1e-6
 
 
+def test_output_attentions_warns_once_that_a_patched_model_returns_no_weights(caplog):
+    """HF's eager attention returns its weights; a patched model cannot (HF records them from its own attention
+    classes), so it says so once instead of silently returning none. Hidden states still come back as stock's."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    patched = patch_model(copy.deepcopy(stock))
+    ids = torch.randint(3, VOCAB, (2, 9))
+    modules._warn_no_attention_weights.cache_clear()
+    with caplog.at_level("WARNING", logger="accel_patch"):
+        patched(ids)
+        assert not [r for r in caplog.records if r.name == "accel_patch"]
+        expected, got = stock(ids, output_attentions=True), patched(ids, output_attentions=True)
+        patched(ids, output_attentions=True)
+    assert len(expected.attentions) == COMMON["num_hidden_layers"] and not got.attentions
+    messages = [r.getMessage() for r in caplog.records if r.name == "accel_patch"]
+    assert len(messages) == 1 and "output_attentions=True" in messages[0], messages
+    assert "attn_implementation='eager'" in messages[0]
+    got = patched(ids, output_hidden_states=True).hidden_states
+    expected = stock(ids, output_hidden_states=True).hidden_states
+    assert all(rel_err(g, e) < 1e-5 for g, e in zip(got, expected, strict=True))
+
+
 def test_selective_flags():
     _, patched = stock_and_patched("llama", attention=False, rope=False, swiglu=False)
     kinds = {type(m) for m in patched.modules() if isinstance(m, KernelModule)}
