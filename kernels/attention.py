@@ -944,8 +944,10 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     if dout.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     spans_by_query, spans_by_key = _span_memo.spans(attn_mask, key_padding_mask, q, mask_args)
-    # not without causality: Triton 3.6's ptxas crashed (SIGSEGV) compiling a non-causal TMA backward on the H100
-    tma = causal and _tma_ready(q, k, v, dout)
+    # Not without causality: Triton 3.6's ptxas crashed (SIGSEGV) compiling a non-causal TMA backward on the H100.
+    # Nor for one query (a decode step's backward), whose 64-row tiles hold one row: ptxas crashed on the TMA dK/dV
+    # kernel specialised to seq_q = group = 1 at head dim 128 (H100; reproduced compiling for sm_90a on a CPU).
+    tma = causal and seq_q > 1 and _tma_ready(q, k, v, dout)
     k_, v_, q_, dout_ = k, v, q, dout  # what the copy engine fetches: dQ's keys and values, dK/dV's queries and dO
     if tma:  # q, k, v [batch, heads, seq, head_dim], dout [batch, seq, heads, head_dim]
         block_n = TMA_TILES["dq"][head_dim][1]
