@@ -880,6 +880,8 @@ DECODE_BLOCK_N = 64
 # Keys per split at least. H100, batch 1, 8 KV heads x 128, a stream of layers, a probe of this kernel's loop: 4096
 # keys ran fastest in 16 splits of 256 (11.3 us; 12.1 in 32 of 128), 8192 in 32 of 256 and 32768 in 32 of 1024
 # (which the GPU-filling target gives anyway). bench_attention at 4096 keys: 11.4 us, 12.3 before this floor.
+# Swept again once the merge moved into the launch (H100, one run, 4096 keys): DECODE_BLOCK_N x DECODE_MIN_KEYS
+# 64 x 256 10.9 us, 128 x 256 11.0, 128 x 512 11.2, 64 x 512 11.7, 32 x 128 11.9, 64 x 128 12.1, 32 x 512 16.7.
 DECODE_MIN_KEYS = 4 * DECODE_BLOCK_N
 # The last program of a split decode merges at most this many float32 partial outputs at once (64 registers a
 # thread at 4 warps): all of a group's heads and as many splits as fit.
