@@ -22,6 +22,16 @@ def _model_type(model: nn.Module) -> str:
     return getattr(config, "model_type", None) or type(model).__name__
 
 
+def _offloaded_modules(model: nn.Module) -> list[str]:
+    """Names of the modules whose weights accelerate keeps off the device between calls (device_map offload)."""
+    names = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):  # one hook or a SequentialHook
+            names.append(name)
+    return names
+
+
 def patch_model(
     model: nn.Module, *, attention: bool = True, rope: bool = True, rmsnorm: bool = True, swiglu: bool = True,
     fused_cross_entropy: bool = True,
@@ -50,6 +60,14 @@ def patch_model(
         raise TypeError(
             "the model holds float64 parameters and the kernels take float16, bfloat16 or float32; cast it before "
             "patching (model.float(), or dtype= when loading it), or leave it unpatched"
+        )
+    offloaded = _offloaded_modules(model)
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} modules of {type(model).__name__} (the first: {offloaded[0]!r}) have their weights "
+            "offloaded by accelerate (device_map entries on 'disk', or on 'cpu' beside a GPU): its hook loads them "
+            "only around the stock module's own forward, which a swapped-in module does not run. Load the model "
+            "with every layer on a GPU, or leave it unpatched"
         )
     swapped: Counter = Counter()
     for decoder in decoders:

@@ -359,6 +359,24 @@ def test_unsupported_models_and_configs_raise():
     assert not any(isinstance(m, Attention) for m in double.modules())  # refused before any swap
 
 
+
+def test_a_model_with_offloaded_weights_is_refused_before_any_swap(tmp_path):
+    """accelerate loads offloaded weights only around the stock module's own forward: a swapped-in module would
+    find them on the meta device. patch_model says so up front and leaves the model as it was."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config("llama")).eval()
+    stock.save_pretrained(tmp_path / "model")
+    layers = {f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(COMMON["num_hidden_layers"])}
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu",
+                  **layers}  # fmt: skip
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                     offload_folder=tmp_path / "offload").eval()  # fmt: skip
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\..*offloaded by accelerate.*every layer on a GPU"):
+        patch_model(offloaded)
+    assert not any(isinstance(m, KernelModule) for m in offloaded.modules())
+    ids = torch.randint(3, VOCAB, (2, 9))
+    assert rel_err(offloaded(ids).logits, stock(ids).logits) < 1e-6
+
 def assert_compiled_training_step_matches_stock(family: str, device: str, compile_backend: str) -> None:
     """``torch.compile`` of a patched model: its loss and every parameter's gradient are the stock model's."""
     stock, patched = stock_and_patched(family, device=device)
