@@ -359,7 +359,6 @@ def test_unsupported_models_and_configs_raise():
     assert not any(isinstance(m, Attention) for m in double.modules())  # refused before any swap
 
 
-
 def test_a_model_with_offloaded_weights_is_refused_before_any_swap(tmp_path):
     """accelerate loads offloaded weights only around the stock module's own forward: a swapped-in module would
     find them on the meta device. patch_model says so up front and leaves the model as it was."""
@@ -376,6 +375,7 @@ def test_a_model_with_offloaded_weights_is_refused_before_any_swap(tmp_path):
     assert not any(isinstance(m, KernelModule) for m in offloaded.modules())
     ids = torch.randint(3, VOCAB, (2, 9))
     assert rel_err(offloaded(ids).logits, stock(ids).logits) < 1e-6
+
 
 def assert_compiled_training_step_matches_stock(family: str, device: str, compile_backend: str) -> None:
     """``torch.compile`` of a patched model: its loss and every parameter's gradient are the stock model's."""
