@@ -11,6 +11,7 @@ from torch import nn
 from .kernels import choose_backend
 from .model_adapters import ADAPTERS, find_decoders, patch_decoder, unpatch_tree
 from .model_adapters.causal_lm import install_fused_cross_entropy, is_causal_lm, remove_fused_cross_entropy
+from .model_adapters.modules import Attention, KernelModule, RMSNorm, SwiGLUMLP
 
 logger = logging.getLogger("accel_patch")
 
@@ -30,6 +31,31 @@ def _offloaded_modules(model: nn.Module) -> list[str]:
         if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,))):  # one hook or a SequentialHook
             names.append(name)
     return names
+
+
+# The flags that keep each kind of stock module (and the hooks on it) in place.
+_FLAGS_KEEPING = {RMSNorm: "rmsnorm=False", SwiGLUMLP: "swiglu=False", Attention: "attention=False, rope=False"}
+
+
+def _user_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks besides the output recorders HF puts on its own classes at the first forward."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(), *module._backward_hooks.values(),
+             *module._backward_pre_hooks.values()]  # fmt: skip
+    return any(getattr(hook, "__module__", None) != "transformers.utils.output_capturing" for hook in hooks)
+
+
+def _warn_dropped_hooks(model: nn.Module) -> None:
+    """Hooks live on a module instance: those on a stock module that a kernel module replaced no longer run (the
+    stock module gets them back with ``unpatch_model``). Say which, rather than let them go quiet."""
+    hooked = [(name, type(m)) for name, m in model.named_modules()
+              if isinstance(m, KernelModule) and _user_hooks(m.__dict__["_stock"])]  # fmt: skip
+    if hooked:
+        flags = " / ".join(dict.fromkeys(_FLAGS_KEEPING[kind] for _, kind in hooked))
+        logger.warning(
+            "accel_patch: %d replaced modules (the first: %r) had hooks registered on them, which will not run while "
+            "the model is patched; to keep them, patch with %s",
+            len(hooked), hooked[0][0], flags,
+        )  # fmt: skip
 
 
 def patch_model(
@@ -79,6 +105,7 @@ def patch_model(
         for module in model.modules():
             if is_causal_lm(module, decoders):
                 swapped["fused_cross_entropy"] += int(install_fused_cross_entropy(module))
+    _warn_dropped_hooks(model)
     device = next(model.parameters()).device
     backend, reason = choose_backend(device)
     kinds = ("attention", "rope", "rmsnorm", "fused_residual", "swiglu", "fused_cross_entropy")

@@ -310,6 +310,39 @@ def test_output_attentions_warns_once_that_a_patched_model_returns_no_weights(ca
     assert all(rel_err(g, e) < 1e-5 for g, e in zip(got, expected, strict=True))
 
 
+def test_hooks_on_replaced_modules_are_named_and_kept_by_the_flags_that_keep_those_modules(caplog):
+    """Hooks belong to a module instance, so those on a stock MLP or norm that patch_model replaces stop running:
+    patch_model says which (and not for HF's own output recorders, on every attention after a first forward).
+    With those modules kept stock, the hooks run and see stock's values; unpatch_model brings them back."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    stock(ids, output_attentions=True)  # HF installs its output recorders on the attention modules here
+    seen = []
+    layers = stock.model.layers
+    layers[0].mlp.register_forward_hook(lambda module, args, output: seen.append(("mlp", output)))
+    layers[1].post_attention_layernorm.register_forward_pre_hook(lambda module, args: seen.append(("norm", args[0])))
+    stock(ids)
+    expected, seen[:] = list(seen), []
+    with caplog.at_level("WARNING", logger="accel_patch"):
+        patched = patch_model(copy.deepcopy(stock))
+    messages = [r.getMessage() for r in caplog.records if r.name == "accel_patch"]
+    assert len(messages) == 1 and "2 replaced modules" in messages[0] and "'model.layers.0.mlp'" in messages[0]
+    assert "swiglu=False" in messages[0] and "rmsnorm=False" in messages[0], messages
+    patched(ids)
+    assert seen == []
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="accel_patch"):
+        kept = patch_model(copy.deepcopy(stock), rmsnorm=False, swiglu=False)
+    assert not [r for r in caplog.records if r.name == "accel_patch"]
+    kept(ids)
+    assert [name for name, _ in seen] == ["mlp", "norm"]
+    assert all(rel_err(got, want) < 1e-5 for (_, got), (_, want) in zip(seen, expected, strict=True))
+    seen[:] = []
+    unpatch_model(patched)(ids)
+    assert [name for name, _ in seen] == ["mlp", "norm"]
+
+
 def test_selective_flags():
     _, patched = stock_and_patched("llama", attention=False, rope=False, swiglu=False)
     kinds = {type(m) for m in patched.modules() if isinstance(m, KernelModule)}
