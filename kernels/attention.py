@@ -793,14 +793,18 @@ def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9  # Hopper and later
 
 
+def _on_tma_device(t: torch.Tensor) -> bool:
+    return t.is_cuda and _has_tma(t.get_device())
+
+
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether the copy engine can fetch tiles of ``tensors`` (the first one a query-like ``[..., head_dim]``): Hopper
     or later, 16-bit floats, head dim 64 or 128 (the kernels' tile is the head dim, unpadded), bases and strides
     16-byte aligned."""
     first = tensors[0]
     if (
-        TensorDescriptor is None or not first.is_cuda or first.shape[-1] not in (64, 128)
-        or first.dtype not in (torch.float16, torch.bfloat16) or not _has_tma(first.get_device())
+        TensorDescriptor is None or first.shape[-1] not in (64, 128)
+        or first.dtype not in (torch.float16, torch.bfloat16) or not _on_tma_device(first)
     ):  # fmt: skip
         return False
     for t in tensors:  # plain loops: on every attention launch's path
