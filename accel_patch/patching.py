@@ -33,6 +33,10 @@ def _offloaded_modules(model: nn.Module) -> list[str]:
     return names
 
 
+# HF's output recorders (output_attentions, output_hidden_states): forward hooks from this module, installed once per
+# model, at its first forward that asks for outputs, on the modules of HF's classes then in it; this mark says so.
+_HF_RECORDERS = "transformers.utils.output_capturing"
+_HF_RECORDERS_INSTALLED = "_output_capturing_hooks_installed"
 # The flags that keep each kind of stock module (and the hooks on it) in place.
 _FLAGS_KEEPING = {RMSNorm: "rmsnorm=False", SwiGLUMLP: "swiglu=False", Attention: "attention=False, rope=False"}
 
@@ -41,7 +45,7 @@ def _user_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has hooks besides the output recorders HF puts on its own classes at the first forward."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(), *module._backward_hooks.values(),
              *module._backward_pre_hooks.values()]  # fmt: skip
-    return any(getattr(hook, "__module__", None) != "transformers.utils.output_capturing" for hook in hooks)
+    return any(getattr(hook, "__module__", None) != _HF_RECORDERS for hook in hooks)
 
 
 def _warn_dropped_hooks(model: nn.Module) -> None:
@@ -114,8 +118,21 @@ def patch_model(
     return model
 
 
+def _reinstall_output_recorders(model: nn.Module) -> None:
+    """After a patched forward that asked for outputs, HF's recorders sit on the modules then in the model, so the
+    stock attention modules put back have none, and HF, seeing its mark, would never add them: their weights would
+    quietly not come back. Under every marked model in the tree (the one whose forward records), drop the recorders
+    and the mark, for HF to install them afresh at the next such forward."""
+    for marked in [m for m in model.modules() if m.__dict__.pop(_HF_RECORDERS_INSTALLED, False)]:
+        for module in marked.modules():
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__module__", None) == _HF_RECORDERS:
+                    del module._forward_hooks[key]
+
+
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Put the stock HF modules back in place, holding the model's current parameters."""
     restored = unpatch_tree(model) + sum(remove_fused_cross_entropy(m) for m in list(model.modules()))
+    _reinstall_output_recorders(model)
     logger.info("accel_patch: restored %d stock modules in %s", restored, type(model).__name__)
     return model

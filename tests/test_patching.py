@@ -310,6 +310,22 @@ def test_output_attentions_warns_once_that_a_patched_model_returns_no_weights(ca
     assert all(rel_err(g, e) < 1e-5 for g, e in zip(got, expected, strict=True))
 
 
+def test_unpatching_after_a_patched_forward_that_asked_for_outputs_gives_attention_weights_again():
+    """HF installs its output recorders once, at the first forward asking for outputs: here on the patched model,
+    so the stock attention modules that unpatch_model puts back had none, and their weights never came back."""
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager").eval()
+    patched = patch_model(copy.deepcopy(stock))
+    ids = torch.randint(3, VOCAB, (2, 9))
+    assert not patched(ids, output_attentions=True, output_hidden_states=True).attentions
+    restored = unpatch_model(patched)(ids, output_attentions=True, output_hidden_states=True)
+    expected = stock(ids, output_attentions=True, output_hidden_states=True)
+    assert len(restored.attentions) == len(expected.attentions) == COMMON["num_hidden_layers"]
+    assert all(rel_err(r, e) < 1e-6 for r, e in zip(restored.attentions, expected.attentions, strict=True))
+    # one recorder per module: hidden states are not collected twice
+    assert len(restored.hidden_states) == len(expected.hidden_states) == COMMON["num_hidden_layers"] + 1
+
+
 def test_hooks_on_replaced_modules_are_named_and_kept_by_the_flags_that_keep_those_modules(caplog):
     """Hooks belong to a module instance, so those on a stock MLP or norm that patch_model replaces stop running:
     patch_model says which (and not for HF's own output recorders, on every attention after a first forward).
