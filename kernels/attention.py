@@ -50,6 +50,7 @@ TMA_TILES = {
 }
 LONG_QUERIES = {64: 8192, 128: 4096}
 H100_L2_BYTES = 50 * 2**20  # the L2 cache that _heads_first assumes where there is none (the CPU interpreter)
+HEADS_FIRST_UP_TO = {"forward": 1 / 2, "backward": 3 / 4}  # of the L2 cache, for K and V: see _heads_first
 # Every tile side in the lists below divides this: sequences of a multiple of it have no ragged tile.
 LARGEST_TILE = 128
 # The masks' spans (see _mask_spans) are kept per MASK_CELL queries or keys: every tile lies in one cell.
@@ -816,16 +817,18 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _heads_first(k: torch.Tensor, v: torch.Tensor) -> bool:
+def _heads_first(k: torch.Tensor, v: torch.Tensor, which_pass: str) -> bool:
     """The order of a grid's programs: every head's longest programs (the causal mask's, see _query_block) before
     any shorter one, or each head's programs together. Heads first gives the shortest tail, but the programs that
     run at once then read every head's K and V (dK/dV: Q and dO): that pays only while those fit the L2 cache with
-    room to spare. H100 (50 MB L2), bf16 causal, one A/B run, heads first against per head, forward / backward
-    speed: K+V 16.8 MB at (4, 32/8, 2048, 64) 1.05 / 1.08 and (8, 32/8, 1024, 64) 1.04 / 1.075; 33.5 MB at
-    (4, 32/8, 2048, 128) 0.98 / 1.04 and (8, 32/8, 1024, 128) 0.94 / 1.00; 67 MB 0.94 / 0.88 and 0.98 / 0.93;
-    134 MB at (4, 32/32, 2048, 128) 0.66 / 0.83. The CPU has no L2: it takes the H100's, for the same choice."""
+    room to spare, ``HEADS_FIRST_UP_TO`` of it for ``which_pass`` (``"forward"`` or ``"backward"``). H100 (50 MB
+    L2), bf16 causal, heads first against per head, forward / backward speed: K+V 16.8 MB at (4, 32/8, 2048, 64)
+    1.05 / 1.08 and (8, 32/8, 1024, 64) 1.04 / 1.075; 33.5 MB at (4, 32/8, 2048, 128) 0.98 / 1.04 and
+    (8, 32/8, 1024, 128) 0.94 / 1.00; 67 MB 0.94 / 0.88 and 0.98 / 0.93; 134 MB at (4, 32/32, 2048, 128)
+    0.66 / 0.83. A second run of the backward alone: 1.09 and 1.08 at 16.8 MB, 1.03 and 1.01 at 33.5 MB, 0.89 and
+    0.96 at 67 MB. The CPU has no L2: it takes the H100's, for the same choice."""
     l2_bytes = _l2_bytes(k.get_device()) if k.is_cuda else H100_L2_BYTES
-    return 2 * (k.numel() * k.element_size() + v.numel() * v.element_size()) <= l2_bytes
+    return k.numel() * k.element_size() + v.numel() * v.element_size() <= HEADS_FIRST_UP_TO[which_pass] * l2_bytes
 
 
 @functools.cache
@@ -859,7 +862,7 @@ def _attn_fwd_triton(q, k, v, attn_mask, key_padding_mask, causal, window, scale
     if out.numel():
         spans = _span_memo.spans(attn_mask, key_padding_mask, q, mask_args)[0]
         tma = _tma_ready(q, k, v, out)
-        heads_first = _heads_first(k, v)
+        heads_first = _heads_first(k, v, "forward")
         long_seq = tma and seq_q >= LONG_QUERIES[head_dim]
         q_, k_, v_, out_ = q, k, v, out
         if tma:  # q, k, v [batch, heads, seq, head_dim], out [batch, seq, heads, head_dim]
@@ -942,7 +945,7 @@ def _attn_bwd_triton(dout, q, k, v, out, lse, attn_mask, key_padding_mask, causa
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask_args = _mask_args(attn_mask, key_padding_mask, q)
     mask, (sm_b, sm_q, sm_k), kpm, skpm_b = mask_args
-    heads_first = _heads_first(k, v)
+    heads_first = _heads_first(k, v, "backward")
     common = dict(
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_power_of_2(head_dim)), HEADS_FIRST=heads_first,
         **_flags(attn_mask, key_padding_mask, causal, window, q.dtype, seq_q, seq_k),

@@ -305,7 +305,7 @@ def test_both_grid_orders_give_the_same_numbers(device, case, monkeypatch):
     monkeypatch.setattr(kernels, "_grid", recording_grid)
     results = []
     for heads_first in (True, False):
-        monkeypatch.setattr(kernels, "_heads_first", lambda k, v, first=heads_first: first)
+        monkeypatch.setattr(kernels, "_heads_first", lambda k, v, which_pass, first=heads_first: first)
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         with force_backend("triton"):
             out = attention(*leaves, **kwargs)
@@ -316,15 +316,16 @@ def test_both_grid_orders_give_the_same_numbers(device, case, monkeypatch):
         assert torch.equal(first, per_head), name
 
 
-def test_heads_first_only_while_k_and_v_fit_in_half_the_l2_cache():
+def test_heads_first_only_while_k_and_v_fit_in_half_the_l2_cache_forward_three_quarters_backward():
     kernels = importlib.import_module("accel_patch.kernels.attention")
 
-    def keys(batch, heads, seq, head_dim):  # on the meta device: sized by the H100's L2 cache, as on the CPU
-        return torch.empty(batch, heads, seq, head_dim, dtype=torch.bfloat16, device="meta")
+    def heads_first(batch, heads, seq, head_dim, which_pass):  # on the meta device: sized by the H100's L2 cache
+        k = torch.empty(batch, heads, seq, head_dim, dtype=torch.bfloat16, device="meta")
+        return kernels._heads_first(k, k, which_pass)
 
-    assert kernels._heads_first(keys(4, 8, 2048, 64), keys(4, 8, 2048, 64))  # K and V 16.8 MB
-    assert not kernels._heads_first(keys(4, 8, 2048, 128), keys(4, 8, 2048, 128))  # 33.5 MB
-    assert not kernels._heads_first(keys(4, 32, 2048, 64), keys(4, 32, 2048, 64))  # 67 MB
+    assert heads_first(4, 8, 2048, 64, "forward") and heads_first(4, 8, 2048, 64, "backward")  # K and V 16.8 MB
+    assert not heads_first(4, 8, 2048, 128, "forward") and heads_first(4, 8, 2048, 128, "backward")  # 33.5 MB
+    assert not heads_first(4, 32, 2048, 64, "forward") and not heads_first(4, 32, 2048, 64, "backward")  # 67 MB
 
 
 @pytest.mark.parametrize("device", ORDER_DEVICES)
