@@ -795,6 +795,8 @@ def _has_tma(device_index: int) -> bool:
 
 
 def _on_tma_device(t: torch.Tensor) -> bool:
+    """The device half of :func:`_tma_ready`, apart so that tests/sm90_compile.py can stand CPU tensors in for an
+    H100's."""
     return t.is_cuda and _has_tma(t.get_device())
 
 
