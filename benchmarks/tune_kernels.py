@@ -1,5 +1,6 @@
 """Sweep launch configs of the memory-bound backward kernels at LLaMA-3-8B shapes (bf16, CUDA), and print what the
-attention kernels' autotuner measured for each of its configs. Modes: (none), attention, swiglu, gemv (INT8 one row).
+attention kernels' autotuner measured for each of its configs. Modes: (none), attention, swiglu, gemv (INT8 one row),
+decode (the attention decode kernel's launch constants).
 
 Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can be chosen by measurement.
 """
@@ -96,6 +97,38 @@ def tune_gemv() -> None:
             print(f"    {launch}: {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
 
 
+def tune_decode() -> None:
+    """The attention decode kernel (one query; 32 query / 8 KV heads x 128, bf16) over its launch constants: keys per
+    block, the fewest keys per split, warps and pipeline stages. Device time per call in a stream of layers, each
+    with its own cache (``common.stream_ms``), as bench_attention's decode table times it."""
+    copy_bw = copy_bandwidth()
+    defaults = tuple(getattr(attention_module, name) for name in
+                     ("DECODE_BLOCK_N", "DECODE_MIN_KEYS", "DECODE_WARPS", "DECODE_STAGES"))  # fmt: skip
+    print(f"decode: BLOCK_N, MIN_KEYS, warps, stages -> µs, K+V GB/s (copy {copy_bw / 1e9:.0f}); default {defaults}")
+    for batch, kv_len in ((1, 4096), (1, 32768), (16, 4096)):
+        kv_bytes = 2 * batch * 8 * kv_len * 128 * 2
+        layers = [(torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16),
+                   *(torch.randn(batch, 8, kv_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)))
+                  for _ in range(copies_beyond_l2(kv_bytes))]  # fmt: skip
+        print(f"  batch {batch} x {kv_len} keys")
+        for block_n, blocks, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (4, 8), (2, 3, 4)):
+            launch = (block_n, blocks * block_n, warps, stages)
+            (attention_module.DECODE_BLOCK_N, attention_module.DECODE_MIN_KEYS, attention_module.DECODE_WARPS,
+             attention_module.DECODE_STAGES) = launch  # fmt: skip
+            calls = [functools.partial(attention_module._attn_decode_triton, q, k, v, None, None, 0, 128**-0.5)
+                     for q, k, v in layers]  # fmt: skip
+            try:
+                ms = stream_ms(calls)
+            except Exception as error:  # out of resources at this config
+                print(f"    {launch}: failed {type(error).__name__}")
+                continue
+            rate = kv_bytes / (ms * 1e-3)
+            print(f"    {launch}: {ms * 1e3:6.1f} µs {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
+        del layers
+    (attention_module.DECODE_BLOCK_N, attention_module.DECODE_MIN_KEYS, attention_module.DECODE_WARPS,
+     attention_module.DECODE_STAGES) = defaults  # fmt: skip
+
+
 def main() -> None:
     copy_bw = copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s")
@@ -154,5 +187,7 @@ if __name__ == "__main__":
         tune_swiglu()
     elif "gemv" in sys.argv[1:]:
         tune_gemv()
+    elif "decode" in sys.argv[1:]:
+        tune_decode()
     else:
         main()

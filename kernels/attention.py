@@ -892,6 +892,7 @@ DECODE_BLOCK_N = 64
 # Swept again once the merge moved into the launch (H100, one run, 4096 keys): DECODE_BLOCK_N x DECODE_MIN_KEYS
 # 64 x 256 10.9 us, 128 x 256 11.0, 128 x 512 11.2, 64 x 512 11.7, 32 x 128 11.9, 64 x 128 12.1, 32 x 512 16.7.
 DECODE_MIN_KEYS = 4 * DECODE_BLOCK_N
+DECODE_WARPS, DECODE_STAGES = 4, 3  # Triton's defaults, named for probes to sweep
 # The last program of a split decode merges at most this many float32 partial outputs at once (64 registers a
 # thread at 4 warps): all of a group's heads and as many splits as fit.
 MERGE_VALUES = 8192
@@ -935,7 +936,7 @@ def _attn_decode_triton(q, k, v, attn_mask, key_padding_mask, window, scale):
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_G=max(16, merge_heads), BLOCK_N=DECODE_BLOCK_N,
         MERGE_HEADS=merge_heads, MERGE_SPLITS=merge_splits,
         HAS_WINDOW=flags["HAS_WINDOW"], HAS_MASK=flags["HAS_MASK"], HAS_KPM=flags["HAS_KPM"],
-        DOT_PRECISION=flags["DOT_PRECISION"], num_warps=4,
+        DOT_PRECISION=flags["DOT_PRECISION"], num_warps=DECODE_WARPS, num_stages=DECODE_STAGES,
     )  # fmt: skip
     return out, lse
 
