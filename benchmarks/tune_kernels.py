@@ -1,6 +1,6 @@
 """Sweep launch configs of the memory-bound backward kernels at LLaMA-3-8B shapes (bf16, CUDA), and print what the
 attention kernels' autotuner measured for each of its configs. Modes: (none), attention, swiglu, gemv (INT8 one row),
-decode (the attention decode kernel's launch constants).
+int8decode (INT8 at 2-32 rows), decode (the attention decode kernel's launch constants).
 
 Prints GB/s of the fewest bytes for each config, so the defaults in kernels/ can be chosen by measurement.
 """
@@ -97,6 +97,31 @@ def tune_gemv() -> None:
             print(f"    {launch}: {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
 
 
+def tune_int8_decode() -> None:
+    """The INT8 decode kernel (2-32 rows) at LLaMA-3-8B shapes over its tile: (BLOCK_N, BLOCK_K, stages, programs per
+    SM) as ``_decode_launch`` takes them; device time per call in a stream of layers, GB/s of the int8 weight."""
+    copy_bw = copy_bandwidth()
+    print(f"W8A16 decode: rows, (in, out), (BLOCK_N, BLOCK_K, stages, per SM) -> int8 weight GB/s (copy "
+          f"{copy_bw / 1e9:.0f})")  # fmt: skip
+    for k, n in ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)):
+        layers = [int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
+                  for _ in range(copies_beyond_l2(n * k))]  # fmt: skip
+        for m in (16, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            default = int8_module._decode_launch(m, n, k, x.device)
+            print(f"  {m} rows, {k}->{n}: default grid {default[0]}, {default[2]}")
+            for tile in itertools.product((16, 32, 64), (128, 256, 512), (2, 3, 4, 5), (1, 2)):
+                calls = [functools.partial(int8_module._matmul_triton, x, w, scale, None, True, n, (1, k), tile)
+                         for w, scale in layers]  # fmt: skip
+                try:
+                    rate = n * k / (stream_ms(calls) * 1e-3)
+                except Exception as error:  # out of resources at this tile
+                    print(f"    {tile}: failed {type(error).__name__}")
+                    continue
+                print(f"    {tile}: {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
+        del layers
+
+
 def tune_decode() -> None:
     """The attention decode kernel (one query; 32 query / 8 KV heads x 128, bf16) over its launch constants: keys per
     block, the fewest keys per split, warps and pipeline stages. Device time per call in a stream of layers, each
@@ -187,6 +212,8 @@ if __name__ == "__main__":
         tune_swiglu()
     elif "gemv" in sys.argv[1:]:
         tune_gemv()
+    elif "int8decode" in sys.argv[1:]:
+        tune_int8_decode()
     elif "decode" in sys.argv[1:]:
         tune_decode()
     else:

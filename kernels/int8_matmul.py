@@ -319,7 +319,9 @@ def _split_k(k: int, programs: int, target: int, block_k: int) -> tuple[int, int
 
 
 @functools.cache  # on every decode step's path
-def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[int, int, int], int, dict]:
+def _decode_launch(
+    m: int, n: int, k: int, device: torch.device, tile: tuple[int, int, int, int] | None = None
+) -> tuple[tuple[int, int, int], int, dict]:
     """(grid, K per split, launch constants) of the decode kernel: small tiles (the CPU interpreter: smaller), and K
     split until the programs cover the GPU once (up to 16 rows) or twice. H100, LLaMA-3-8B shapes, µs in a stream of
     layers: at 16 rows, 32 columns per tile, 4 stages and one program per SM took 6.9-26.3 against 7.8-28.1 with 64
@@ -327,9 +329,12 @@ def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[
     stages instead of four where the programs outnumber 3 per SM (4096->14336, 448 programs: 26.5-26.7 against
     24.7-25.1 µs; at 128-256 programs four stages were as fast or faster). A measured rule, not an occupancy limit:
     with four stages a program holds 48 KB of shared memory (Triton buffers stages - 1 tiles) and 62 registers per
-    thread, so four fit on an SM and all 448 run at once either way."""
+    thread, so four fit on an SM and all 448 run at once either way. ``tile`` = (BLOCK_N, BLOCK_K, stages, programs
+    per SM) replaces that choice (tune_kernels)."""
     on_gpu = device.type == "cuda"
-    if on_gpu:
+    if tile is not None:
+        block_n, block_k, stages, per_sm = tile
+    elif on_gpu:
         block_n, block_k, stages, per_sm = (32, 256, 4, 1) if m <= 16 else (64, 256, 3, 2)
     else:
         block_n, block_k, stages, per_sm = 32, 32, 1, 1
@@ -338,14 +343,15 @@ def _decode_launch(m: int, n: int, k: int, device: torch.device) -> tuple[tuple[
     sms = _gpu_sms(device)
     # on the CPU interpreter, 8 still splits the test shapes several ways
     splits, k_per_split = _split_k(k, grid_mn[0] * grid_mn[1], per_sm * sms if on_gpu else 8, block_k)
-    if on_gpu and m <= 16 and grid_mn[0] * grid_mn[1] * splits > 3 * sms:
+    if on_gpu and tile is None and m <= 16 and grid_mn[0] * grid_mn[1] * splits > 3 * sms:
         stages = 3
     constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": stages}
     return (*grid_mn, splits), k_per_split, constants
 
 
 def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, bias, scale_out: bool, n: int,
-                   b_strides: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+                   b_strides: tuple[int, int], decode_tile: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``decode_tile``: the decode kernel's tile, in place of the measured choice (see _decode_launch)."""
     m, k = a.shape
     if m == 0 or n == 0:
         return a.new_empty((m, n))
@@ -367,7 +373,7 @@ def _matmul_triton(a: torch.Tensor, b_int8: torch.Tensor, scale: torch.Tensor, b
             SCALE_OUT=scale_out, **flags,
         )  # fmt: skip
         return c
-    grid, k_per_split, constants = _decode_launch(m, n, k, a.device)
+    grid, k_per_split, constants = _decode_launch(m, n, k, a.device, decode_tile)
     partial, counters = _split_buffers(c, grid[2], grid[0] * grid[1])
     _w8a16_decode_kernel[grid](
         a, b_int8, scale, bias, c, partial, counters, m, n, k, k_per_split, a.stride(0), a.stride(1), *b_strides,
