@@ -33,6 +33,18 @@ def _sweep(title: str, configs, run, flops: float) -> None:
             print(f"  {config}: failed {type(error).__name__}")
 
 
+def _print_stream_rate(label, calls, nbytes: int, copy_bw: float) -> None:
+    """One line: ``label``, then the GB/s of ``nbytes`` per call in a stream of ``calls`` (and the share of copy
+    bandwidth), or why the config failed."""
+    try:
+        ms = stream_ms(calls)
+    except Exception as error:  # out of shared memory or registers at this config
+        print(f"    {label}: failed {type(error).__name__}")
+        return
+    rate = nbytes / (ms * 1e-3)
+    print(f"    {label}: {ms * 1e3:7.1f} µs {rate / 1e9:6.0f} GB/s ({rate / copy_bw:.0%})")
+
+
 def _tune_attention_dim(d: int) -> None:
     """Run the autotuned attention kernels once and print every config's time, as the autotuner measured it.
     The shape is LLaMA-3's (32 query heads over 8 KV heads) at batch 4 x 2048 tokens."""
@@ -74,14 +86,21 @@ def tune_swiglu() -> None:
             print(f"  {block:>5} {warps:>2} {layout:<11}: fwd {fwd_rate / copy_bw:.1%}  bwd {bwd_rate / copy_bw:.1%}")
 
 
+def _int8_weight_streams():
+    """Per LLaMA-3-8B Linear shape ``(in, out)``: ``(in, out, [(int8 weight, scale), ...])``, enough copies to make
+    4x the L2 cache (as a decode step's layers stream them)."""
+    for k, n in ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)):
+        yield k, n, [int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
+                     for _ in range(copies_beyond_l2(n * k))]  # fmt: skip
+
+
 def tune_gemv() -> None:
     """The INT8 one-row (batch-1 decode) kernel at LLaMA-3-8B shapes, device time per call in a stream of layers
     (``common.stream_ms``: weights beyond the L2 cache, as in a decode step)."""
     copy_bw = copy_bandwidth()
-    print(f"W8A16 one row: (in, out), BLOCK_N, BLOCK_K, warps, stages -> int8 weight GB/s (copy {copy_bw / 1e9:.0f})")
-    for k, n in ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)):
-        layers = [int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
-                  for _ in range(copies_beyond_l2(n * k))]  # fmt: skip
+    print(f"W8A16 one row: (in, out), BLOCK_N, BLOCK_K, warps, stages -> µs, int8 weight GB/s (copy "
+          f"{copy_bw / 1e9:.0f})")  # fmt: skip
+    for k, n, layers in _int8_weight_streams():
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         print(f"  {k}->{n}: default {int8_module._gemv_blocks(n, k, x.device)}")
         for launch in itertools.product((2, 4, 8, 16, 32, 64), (256, 512, 1024, 2048, 4096), (4, 8), (1, 2, 3, 4)):
@@ -89,12 +108,7 @@ def tune_gemv() -> None:
                 continue
             calls = [functools.partial(int8_module._gemv_triton, x, w, scale, None, n, (1, k), launch)
                      for w, scale in layers]  # fmt: skip
-            try:
-                rate = n * k / (stream_ms(calls) * 1e-3)
-            except Exception as error:  # out of resources at this config
-                print(f"    {launch}: failed {type(error).__name__}")
-                continue
-            print(f"    {launch}: {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
+            _print_stream_rate(launch, calls, n * k, copy_bw)
 
 
 def tune_int8_decode() -> None:
@@ -102,25 +116,16 @@ def tune_int8_decode() -> None:
     BLOCK_K, stages, programs per SM) as ``_decode_launch`` takes them; device time per call in a stream of layers,
     GB/s of the int8 weight."""
     copy_bw = copy_bandwidth()
-    print(f"W8A16 decode: rows, (in, out), (BLOCK_N, BLOCK_K, stages, per SM) -> int8 weight GB/s (copy "
+    print(f"W8A16 decode, 16 rows: (in, out), (BLOCK_N, BLOCK_K, stages, per SM) -> µs, int8 weight GB/s (copy "
           f"{copy_bw / 1e9:.0f})")  # fmt: skip
-    for k, n in ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024)):
-        layers = [int8_module.quantize_per_channel(torch.randn(n, k, device="cuda"))
-                  for _ in range(copies_beyond_l2(n * k))]  # fmt: skip
-        for m in (16,):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            default = int8_module._decode_launch(m, n, k, x.device)
-            print(f"  {m} rows, {k}->{n}: default grid {default[0]}, {default[2]}")
-            for tile in itertools.product((16, 32, 64), (128, 256, 512), (2, 3, 4, 5), (1, 2)):
-                calls = [functools.partial(int8_module._matmul_triton, x, w, scale, None, True, n, (1, k), tile)
-                         for w, scale in layers]  # fmt: skip
-                try:
-                    rate = n * k / (stream_ms(calls) * 1e-3)
-                except Exception as error:  # out of resources at this tile
-                    print(f"    {tile}: failed {type(error).__name__}")
-                    continue
-                print(f"    {tile}: {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
-        del layers
+    for k, n, layers in _int8_weight_streams():
+        x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+        default = int8_module._decode_launch(16, n, k, x.device)
+        print(f"  {k}->{n}: default grid {default[0]}, {default[2]}")
+        for tile in itertools.product((16, 32, 64), (128, 256, 512), (2, 3, 4, 5), (1, 2)):
+            calls = [functools.partial(int8_module._matmul_triton, x, w, scale, None, True, n, (1, k), tile)
+                     for w, scale in layers]  # fmt: skip
+            _print_stream_rate(tile, calls, n * k, copy_bw)
 
 
 def tune_decode() -> None:
@@ -143,13 +148,7 @@ def tune_decode() -> None:
              attention_module.DECODE_STAGES) = launch  # fmt: skip
             calls = [functools.partial(attention_module._attn_decode_triton, q, k, v, None, None, 0, 128**-0.5)
                      for q, k, v in layers]  # fmt: skip
-            try:
-                ms = stream_ms(calls)
-            except Exception as error:  # out of resources at this config
-                print(f"    {launch}: failed {type(error).__name__}")
-                continue
-            rate = kv_bytes / (ms * 1e-3)
-            print(f"    {launch}: {ms * 1e3:6.1f} µs {rate / 1e9:6.0f} ({rate / copy_bw:.0%})")
+            _print_stream_rate(launch, calls, kv_bytes, copy_bw)
         del layers
     (attention_module.DECODE_BLOCK_N, attention_module.DECODE_MIN_KEYS, attention_module.DECODE_WARPS,
      attention_module.DECODE_STAGES) = defaults  # fmt: skip
