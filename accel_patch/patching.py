@@ -41,11 +41,15 @@ _HF_RECORDERS_INSTALLED = "_output_capturing_hooks_installed"
 _FLAGS_KEEPING = {RMSNorm: "rmsnorm=False", SwiGLUMLP: "swiglu=False", Attention: "attention=False, rope=False"}
 
 
+def _is_hf_recorder(hook) -> bool:
+    return getattr(hook, "__module__", None) == _HF_RECORDERS
+
+
 def _user_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has hooks besides the output recorders HF puts on its own classes at the first forward."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values(), *module._backward_hooks.values(),
              *module._backward_pre_hooks.values()]  # fmt: skip
-    return any(getattr(hook, "__module__", None) != _HF_RECORDERS for hook in hooks)
+    return not all(map(_is_hf_recorder, hooks))
 
 
 def _warn_dropped_hooks(model: nn.Module) -> None:
@@ -126,7 +130,7 @@ def _reinstall_output_recorders(model: nn.Module) -> None:
     for marked in [m for m in model.modules() if m.__dict__.pop(_HF_RECORDERS_INSTALLED, False)]:
         for module in marked.modules():
             for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__module__", None) == _HF_RECORDERS:
+                if _is_hf_recorder(hook):
                     del module._forward_hooks[key]
 
 

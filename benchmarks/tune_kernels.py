@@ -128,13 +128,20 @@ def tune_int8_decode() -> None:
             _print_stream_rate(tile, calls, n * k, copy_bw)
 
 
+DECODE_CONSTANTS = ("DECODE_BLOCK_N", "DECODE_MIN_KEYS", "DECODE_WARPS", "DECODE_STAGES")
+
+
+def _set_decode_constants(values: tuple[int, ...]) -> None:
+    for name, value in zip(DECODE_CONSTANTS, values, strict=True):
+        setattr(attention_module, name, value)
+
+
 def tune_decode() -> None:
     """The attention decode kernel (one query; 32 query / 8 KV heads x 128, bf16) over its launch constants: keys per
     block, the fewest keys per split, warps and pipeline stages. Device time per call in a stream of layers, each
     with its own cache (``common.stream_ms``), as bench_attention's decode table times it."""
     copy_bw = copy_bandwidth()
-    defaults = tuple(getattr(attention_module, name) for name in
-                     ("DECODE_BLOCK_N", "DECODE_MIN_KEYS", "DECODE_WARPS", "DECODE_STAGES"))  # fmt: skip
+    defaults = tuple(getattr(attention_module, name) for name in DECODE_CONSTANTS)
     print(f"decode: BLOCK_N, MIN_KEYS, warps, stages -> µs, K+V GB/s (copy {copy_bw / 1e9:.0f}); default {defaults}")
     for batch, kv_len in ((1, 4096), (1, 32768), (16, 4096)):
         kv_bytes = 2 * batch * 8 * kv_len * 128 * 2
@@ -144,14 +151,12 @@ def tune_decode() -> None:
         print(f"  batch {batch} x {kv_len} keys")
         for block_n, blocks, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (4, 8), (2, 3, 4)):
             launch = (block_n, blocks * block_n, warps, stages)
-            (attention_module.DECODE_BLOCK_N, attention_module.DECODE_MIN_KEYS, attention_module.DECODE_WARPS,
-             attention_module.DECODE_STAGES) = launch  # fmt: skip
+            _set_decode_constants(launch)
             calls = [functools.partial(attention_module._attn_decode_triton, q, k, v, None, None, 0, 128**-0.5)
                      for q, k, v in layers]  # fmt: skip
             _print_stream_rate(launch, calls, kv_bytes, copy_bw)
         del layers
-    (attention_module.DECODE_BLOCK_N, attention_module.DECODE_MIN_KEYS, attention_module.DECODE_WARPS,
-     attention_module.DECODE_STAGES) = defaults  # fmt: skip
+    _set_decode_constants(defaults)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from accel_patch.kernels import _triton
 # the module: ``accel_patch.kernels.attention`` as an attribute is the function the package re-exports
 attention = importlib.import_module("accel_patch.kernels.attention")
 HOPPER = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(HOPPER)
 DT = torch.bfloat16
 
 
@@ -58,10 +59,9 @@ def _configs(kernel, constexprs: dict) -> list[dict]:
 def _compile(kernel, args: tuple, options: dict) -> None:
     """Lower and assemble ``kernel`` for sm_90a as a launch with ``args`` and ``options`` would."""
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    backend = make_backend(HOPPER)
-    bind = create_function_from_signature(fn.signature, fn.params, backend)
+    bind = create_function_from_signature(fn.signature, fn.params, BACKEND)
     bound_args, specialization, _ = bind(*args, **options)
-    parsed, signature, constexprs, attrs = fn._pack_args(backend, options, bound_args, specialization, None)
+    parsed, signature, constexprs, attrs = fn._pack_args(BACKEND, options, bound_args, specialization, None)
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=HOPPER, options=parsed.__dict__)
     if not compiled.asm.get("cubin"):
         raise RuntimeError("no cubin came out")
